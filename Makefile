@@ -1,0 +1,48 @@
+# Odyssey: every target sets itself up (virtual environment, installs) and then runs.
+#   make demo   the whole pipeline on this machine, end to end
+#   make test   the test suite (what CI runs)
+# Choose a torch build:  make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# Without TORCH_SPEC: a CPU build unless an NVIDIA GPU is present (never a multi-GB CUDA build on a CPU box).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?=
+TORCH_VERSION := 2.13.0
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.odyssey-installed
+
+.PHONY: demo test lint bench setup clean
+
+demo: $(STAMP)
+	$(BIN)/odyssey demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/data.py $(ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then \
+		$(BIN)/python -m pip install $(TORCH_SPEC); \
+	elif $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 || [ "$$(uname -s)" = Darwin ]; then \
+		$(BIN)/python -m pip install torch==$(TORCH_VERSION); \
+	else \
+		$(BIN)/python -m pip install torch==$(TORCH_VERSION)+cpu 2>/dev/null || \
+		$(BIN)/python -m pip install torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,86 @@
+"""A model on disk, as training exports it and serving loads it:
+
+    model.safetensors   weights (safetensors: loading never unpickles, so a file cannot run code)
+    config.json         {"format", "model": ModelConfig fields, ...metadata}
+    tokenizer.json      the tokenizer it was trained with
+
+The directory is written complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from odyssey import __version__, atomic
+from odyssey.config import from_dict, to_dict
+from odyssey.errors import ConfigError, OdysseyError
+from odyssey.model import ModelConfig, Transformer
+from odyssey.tokenizer import Tokenizer
+
+FORMAT = "odyssey-model/1"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+def save_model(
+    out: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer | None = None,
+    metadata: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
+    out = Path(out)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    config = {
+        "format": FORMAT,
+        "odyssey_version": __version__,
+        "model": to_dict(model.cfg),
+        **(metadata or {}),
+    }
+    with atomic.staged_dir(out, overwrite=overwrite) as stage:
+        save_file(state, str(stage / WEIGHTS), metadata={"format": "pt", "odyssey": FORMAT})
+        atomic.write_text(stage / CONFIG, json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(stage / TOKENIZER)
+    return out
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise OdysseyError(
+            f"{path} is not an exported model (needs {CONFIG} and {WEIGHTS}); export one with `odyssey export`"
+        )
+    config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    if config.get("format") != FORMAT:
+        raise OdysseyError(f"{path / CONFIG}: format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Transformer, Tokenizer | None, dict]:
+    """(model in eval mode, its tokenizer if saved, the config.json contents)."""
+    path = Path(path)
+    config = read_config(path)
+    try:
+        cfg = from_dict(ModelConfig, config["model"], "model")
+    except ConfigError as e:
+        raise OdysseyError(f"{path / CONFIG}: {e}") from None
+    model = Transformer(cfg)
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise OdysseyError(
+            f"{path / WEIGHTS} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.to(device=device, dtype=dtype).eval()
+    tokenizer = Tokenizer.load(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise OdysseyError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size} rows"
+        )
+    return model, tokenizer, config

@@ -1,0 +1,175 @@
+"""The `odyssey` command.
+
+    odyssey data build --out DIR [--preset tiny|full|none] [--source FILE ...] [--seed N] [--set k=v ...]
+    odyssey tokenizer train --corpus DIR [--vocab-size N] [--out FILE]
+    odyssey data pack --corpus DIR [--tokenizer FILE] [--seq-len N] [--out DIR]
+    odyssey model presets
+    odyssey demo [--set k=v ...]
+
+Errors a user can fix are printed as one line `odyssey: error: ...` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from odyssey.errors import OdysseyError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="odyssey", description="Pretrain, sweep and serve one multitask model."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build the multitask corpus and pack it into token blocks")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="build the corpus (Parquet + manifest)")
+    build.add_argument("--out", required=True, type=Path)
+    build.add_argument("--preset", default="tiny", help="tiny | full | none (only --source files)")
+    build.add_argument(
+        "--source", action="append", default=[], type=Path, help="Parquet or JSONL in the corpus schema"
+    )
+    build.add_argument("--seed", type=int, default=None)
+    build.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing corpus (only once the new one is complete)",
+    )
+    _add_set(build)
+    pack = data_sub.add_parser("pack", help="tokenize and pack a corpus into fixed-length blocks")
+    pack.add_argument("--corpus", required=True, type=Path)
+    pack.add_argument("--tokenizer", type=Path, help="default: CORPUS/tokenizer.json")
+    pack.add_argument("--seq-len", type=int, default=256)
+    pack.add_argument("--out", type=Path, help="default: CORPUS/blocks-SEQ_LEN")
+    pack.add_argument("--seed", type=int, default=0)
+    pack.add_argument("--overwrite", action="store_true")
+
+    tokenizer = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
+    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    train = tok_sub.add_parser("train", help="train on a corpus's train split")
+    train.add_argument("--corpus", required=True, type=Path)
+    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--out", type=Path, help="default: CORPUS/tokenizer.json")
+
+    model = sub.add_parser("model", help="model presets")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    model_sub.add_parser("presets", help="list presets with parameters and FLOPs per token")
+
+    demo = sub.add_parser(
+        "demo", help="corpus -> tokenizer -> train the tiny model -> samples, in one process"
+    )
+    _add_set(demo)
+    return parser
+
+
+def _data_build(args) -> dict:
+    from odyssey.config import apply_overrides, from_dict
+    from odyssey.data.corpus import CorpusConfig, build_corpus
+
+    data = {"preset": args.preset}
+    if args.seed is not None:
+        data["seed"] = args.seed
+    cfg = from_dict(CorpusConfig, apply_overrides(data, args.overrides))
+    manifest = build_corpus(args.out, cfg, args.source, overwrite=args.overwrite)
+    return {
+        "corpus": str(args.out),
+        "counts": manifest["counts"],
+        "total_examples": manifest["total_examples"],
+    }
+
+
+def _data_pack(args) -> dict:
+    from odyssey.data.packing import pack_corpus
+    from odyssey.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer or args.corpus / "tokenizer.json")
+    manifest = pack_corpus(args.corpus, tok, args.seq_len, args.out, seed=args.seed, overwrite=args.overwrite)
+    return {
+        "blocks": str(args.out or args.corpus / f"blocks-{args.seq_len}"),
+        "tokens": manifest["tokens"],
+        "tokens_per_s": manifest["tokens_per_s"],
+    }
+
+
+def _tokenizer_train(args) -> dict:
+    from odyssey.data.corpus import read_manifest, texts
+    from odyssey.tokenizer import Tokenizer
+
+    read_manifest(args.corpus)  # a clear error when it is not a corpus
+    tok = Tokenizer.train(texts(args.corpus, "train"), args.vocab_size, show_progress=sys.stderr.isatty())
+    out = args.out or args.corpus / "tokenizer.json"
+    tok.save(out)
+    return {"tokenizer": str(out), "vocab_size": tok.vocab_size, "sha256": tok.fingerprint}
+
+
+def _model_presets(args) -> dict:
+    import torch
+
+    from odyssey.model import PRESETS, Transformer
+
+    rows = {}
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = Transformer(cfg)
+        rows[name] = {
+            "params_M": round(model.num_params() / 1e6, 1),
+            "d_model": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "max_seq_len": cfg.max_seq_len,
+            "GFLOP_per_token": round(model.flops_per_token() / 1e9, 3),
+        }
+    return rows
+
+
+def _demo(args) -> dict:
+    from odyssey.config import load_config
+    from odyssey.demo import DemoConfig, run
+
+    return run(load_config(DemoConfig, None, args.overrides))
+
+
+COMMANDS = {
+    ("data", "build"): _data_build,
+    ("data", "pack"): _data_pack,
+    ("tokenizer", "train"): _tokenizer_train,
+    ("model", "presets"): _model_presets,
+    ("demo", None): _demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    sub = getattr(args, f"{args.command}_command", None)
+    try:
+        result = COMMANDS[(args.command, sub)](args)
+    except OdysseyError as e:
+        parser.exit(2, f"odyssey: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "odyssey: interrupted; outputs being written were discarded\n")
+    print(json.dumps(result))  # the last stdout line: one JSON object, for scripts and CI
+    return 0

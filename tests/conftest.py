@@ -1,0 +1,60 @@
+"""Shared fixtures: one tiny corpus, tokenizer and packed blocks per test session (built in seconds),
+and a local Ray cluster that every test needing one shares and that is stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+# Every Ray cluster the tests start uses token auth, with a token of this session's own (Ray reads
+# these when it is imported and when it starts processes; nothing is written to ~/.ray).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+from odyssey.data import corpus as corpus_mod
+from odyssey.data import packing
+from odyssey.data.corpus import CorpusConfig
+from odyssey.tokenizer import Tokenizer
+
+SEQ_LEN = 128
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "tiny"
+    corpus_mod.build_corpus(out, CorpusConfig.from_preset("tiny"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_dir) -> Tokenizer:
+    tok = Tokenizer.train(corpus_mod.texts(corpus_dir, "train"), vocab_size=2048)
+    tok.save(corpus_dir / "tokenizer.json")
+    return tok
+
+
+@pytest.fixture(scope="session")
+def blocks_dir(corpus_dir, tokenizer):
+    out = corpus_dir / f"blocks-{SEQ_LEN}"
+    packing.pack_corpus(corpus_dir, tokenizer, SEQ_LEN, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster on loopback with token auth, shared by the session and shut down after it."""
+    import ray
+
+    ctx = ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+    )
+    try:
+        yield ctx
+    finally:
+        ray.shutdown()

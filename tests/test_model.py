@@ -1,0 +1,211 @@
+"""The transformer: causality, KV-cache decoding, generation, embeddings, scoring, parameters, saving."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from odyssey import artifact
+from odyssey.errors import ConfigError, OdysseyError
+from odyssey.model import PRESETS, ModelConfig, Transformer, pad_vocab, sample
+
+CFG = ModelConfig(vocab_size=256, d_model=64, n_layer=2, n_head=4, max_seq_len=64)
+
+
+def make(cfg: ModelConfig = CFG, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval()
+
+
+def random_ids(*shape, vocab=CFG.vocab_size, seed=1):
+    return torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_future_tokens_never_change_past_logits():
+    model = make()
+    ids = random_ids(2, 32)
+    changed = ids.clone()
+    changed[:, 20:] = random_ids(2, 12, seed=7)
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20])
+    assert not torch.allclose(a[:, 20:], b[:, 20:])  # the change is visible from position 20 on
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+def test_kv_cache_decoding_matches_full_forward(n_kv_head):
+    model = make(replace(CFG, n_kv_head=n_kv_head))
+    ids = random_ids(1, 24)
+    full = model(ids)[0]  # (T, V)
+    logits, cache = model.prefill([ids[0, :8].tolist()], max_len=24)
+    torch.testing.assert_close(logits[0], full[7], atol=1e-4, rtol=1e-4)
+    for t in range(8, 23):
+        logits = model.decode(ids[:, t], cache)
+        torch.testing.assert_close(logits[0], full[t], atol=1e-4, rtol=1e-4)
+
+
+def test_left_padding_does_not_change_a_row():
+    """Prompts of different lengths batch together: each row decodes as if it were alone."""
+    model = make()
+    short, long = random_ids(5, seed=2)[:].tolist(), random_ids(17, seed=3).tolist()
+    alone_logits, alone_cache = model.prefill([short], max_len=12)
+    both_logits, both_cache = model.prefill([short, long], max_len=24)
+    torch.testing.assert_close(both_logits[0], alone_logits[0], atol=1e-4, rtol=1e-4)
+    nxt = torch.tensor([11, 12])
+    torch.testing.assert_close(
+        model.decode(nxt, both_cache)[0], model.decode(nxt[:1], alone_cache)[0], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_generate_batches_like_single_prompts_and_stops():
+    model = make()
+    prompts = [random_ids(4, seed=4).tolist(), random_ids(9, seed=5).tolist()]
+    batched = model.generate(prompts, max_new_tokens=10, temperature=0.0)
+    singles = [model.generate([p], max_new_tokens=10, temperature=0.0)[0] for p in prompts]
+    assert batched == singles
+    assert all(len(o) == 10 for o in batched)
+    stop = batched[0][3]  # greedy is deterministic: this token comes 4th, so the row ends before it
+    stopped = model.generate(prompts[:1], max_new_tokens=10, temperature=0.0, stop_ids=[stop])[0]
+    assert stopped == batched[0][: batched[0].index(stop)]
+
+
+def test_generate_refuses_more_than_the_context():
+    model = make()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate([[1] * 60], max_new_tokens=10)
+
+
+def test_sampling_controls():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    assert sample(logits, temperature=0).item() == 2
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample(logits, 1.0, top_k=2, generator=gen).item() for _ in range(200)}
+    assert draws == {2, 3}  # only the two best tokens
+    draws = {sample(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(200)}
+    assert draws == {2}  # token 2 alone holds > 50% of the mass
+    seeded = [sample(logits, 1.0, generator=torch.Generator().manual_seed(3)).item() for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_embed_and_score():
+    model = make()
+    a, b = random_ids(6, seed=8).tolist(), random_ids(15, seed=9).tolist()
+    emb = model.embed([a, b])
+    assert emb.shape == (2, CFG.d_model)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(model.embed([a])[0], emb[0], atol=1e-5, rtol=1e-5)  # padding-invariant
+    prompt, conts = a, [[5], [6, 7]]
+    scores = model.score(prompt, conts)
+    full = torch.log_softmax(model(torch.tensor([[*prompt, 6, 7]]))[0], -1)
+    expected = full[len(prompt) - 1, 6] + full[len(prompt), 7]
+    torch.testing.assert_close(scores[1], expected, atol=1e-4, rtol=1e-4)
+    assert scores[0] == pytest.approx(
+        torch.log_softmax(model(torch.tensor([prompt]))[0, -1], -1)[5].item(), abs=1e-4
+    )
+
+
+def test_state_dict_keys_are_pinned():
+    """Training, export and serving agree on these names; a rename must be deliberate."""
+    keys = list(make(replace(CFG, n_layer=1)).state_dict())
+    assert keys == [
+        "tok_emb.weight",
+        "blocks.0.attn_norm.weight",
+        "blocks.0.attn.wq.weight",
+        "blocks.0.attn.wk.weight",
+        "blocks.0.attn.wv.weight",
+        "blocks.0.attn.wo.weight",
+        "blocks.0.ffn_norm.weight",
+        "blocks.0.ffn.w1.weight",
+        "blocks.0.ffn.w3.weight",
+        "blocks.0.ffn.w2.weight",
+        "norm.weight",
+    ]
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=512, max_seq_len=64)).train()
+    ids = random_ids(4, 33, vocab=512, seed=11)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model(ids[:, :-1], ids[:, 1:])
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 5.5  # about ln(512): chance level
+    assert loss.item() < 0.1
+
+
+def test_loss_mask_selects_positions():
+    model = make()
+    ids = random_ids(2, 17)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 10:] = True
+    per_token = torch.nn.functional.cross_entropy(
+        model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+    ).view(2, 16)
+    torch.testing.assert_close(model(ids[:, :-1], ids[:, 1:], mask), per_token[:, 10:].mean())
+
+
+def test_safetensors_round_trip(tmp_path, tokenizer):
+    model = make(replace(CFG, vocab_size=pad_vocab(tokenizer.vocab_size)))
+    path = artifact.save_model(tmp_path / "m", model, tokenizer, metadata={"step": 7})
+    loaded, tok, config = artifact.load_model(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert loaded.cfg == model.cfg and config["step"] == 7
+    assert tok.fingerprint == tokenizer.fingerprint
+    ids = random_ids(1, 10)
+    torch.testing.assert_close(loaded(ids), model(ids))
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_loading_refuses_a_mismatched_checkpoint(tmp_path):
+    path = artifact.save_model(tmp_path / "m", make())
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["n_layer"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OdysseyError, match="does not fit its config"):
+        artifact.load_model(path)
+    with pytest.raises(OdysseyError, match="not an exported model"):
+        artifact.load_model(tmp_path)
+
+
+def test_presets_and_flops():
+    assert set(PRESETS) == {"tiny", "small", "gpt-125m", "gpt-350m", "gpt-1.3b"}
+    with torch.device("meta"):
+        sizes = {name: Transformer(cfg).num_params() for name, cfg in PRESETS.items()}
+    assert 15e6 < sizes["small"] < 25e6
+    assert (
+        110e6 < sizes["gpt-125m"] < 140e6
+        and 300e6 < sizes["gpt-350m"] < 400e6
+        and 1.2e9 < sizes["gpt-1.3b"] < 1.4e9
+    )
+    model = make()
+    n_matmul = sum(p.numel() for p in model.parameters() if p.ndim == 2)
+    assert model.flops_per_token(64) == 6 * n_matmul + 12 * CFG.n_layer * CFG.d_model * 64
+
+
+def test_config_errors_say_the_fix():
+    with pytest.raises(ConfigError, match=r"d_model=100 is not divisible by n_head=3"):
+        ModelConfig(d_model=100, n_head=3)
+    with pytest.raises(ConfigError, match="n_kv_head=3 must divide n_head=4"):
+        ModelConfig(n_kv_head=3)
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt-2'"):
+        ModelConfig.from_preset("gpt-2")
+
+
+def test_mup_scales_hidden_learning_rates_and_init():
+    wide = replace(CFG, d_model=256, mup=True, mup_base_width=64)  # width multiplier 4
+    model = make(wide)
+    groups = model.param_groups(weight_decay=0.1)
+    hidden = next(g for g in groups if g["weight_decay"] > 0)
+    assert hidden["lr_scale"] == pytest.approx(0.25)
+    assert all(g["lr_scale"] == 1.0 for g in groups if g is not hidden)
+    std = model.blocks[0].attn.wq.weight.std().item()
+    assert std == pytest.approx(CFG.init_std / 2, rel=0.1)  # init_std / sqrt(m)
+    assert make(replace(wide, mup=False)).param_groups(0.1)[0]["lr_scale"] == 1.0
