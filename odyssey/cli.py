@@ -125,7 +125,8 @@ def _model_presets(args) -> dict:
     from odyssey.model import PRESETS, Transformer
 
     rows = {}
-    for name, cfg in PRESETS.items():
+    for name, recipe in PRESETS.items():
+        cfg = recipe()
         with torch.device("meta"):  # shapes only: no memory, no init
             model = Transformer(cfg)
         rows[name] = {

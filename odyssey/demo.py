@@ -23,7 +23,7 @@ from odyssey.data import corpus as corpus_mod
 from odyssey.data import packing
 from odyssey.data.corpus import CorpusConfig
 from odyssey.errors import ConfigError
-from odyssey.model import ModelConfig, Transformer, pad_vocab
+from odyssey.model import ModelConfig, Transformer, pad_vocab, tiny
 from odyssey.progress import Progress
 from odyssey.tasks import MODERATION_LABELS, TASKS
 from odyssey.tokenizer import Tokenizer
@@ -37,7 +37,7 @@ class DemoConfig:
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig.from_preset("tiny"))
     vocab_size: int = 4096
     seq_len: int = 256
-    model: ModelConfig = field(default_factory=ModelConfig.tiny)  # vocab and length follow the two above
+    model: ModelConfig = field(default_factory=tiny)  # vocab and length follow the two above
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
@@ -149,7 +149,10 @@ def show_samples(model: Transformer, tok: Tokenizer, corpus_dir: Path, cfg: Demo
         if table.num_rows == 0:
             continue
         row = table.slice(0, 1).to_pylist()[0]
-        text = row["input"] if task != "lm" else row["target"][:200]
+        # lm: the model continues the first 200 characters of a held-out text.
+        text, expected = (
+            (row["input"], row["target"]) if task != "lm" else (row["target"][:200], row["target"][200:])
+        )
         prompt = tok.prompt(task, text)[:room]
         out = model.generate(
             [prompt], cfg.sample_tokens, temperature=0.0, stop_ids=[tok.eos_id], pad_id=tok.pad_id
@@ -157,7 +160,7 @@ def show_samples(model: Transformer, tok: Tokenizer, corpus_dir: Path, cfg: Demo
         sample = {
             "task": task,
             "input": text[:160],
-            "expected": row["target"][:160],
+            "expected": expected[:160],
             "generated": tok.decode(out)[:160],
         }
         if task == "moderate":  # label scoring: the label the model finds likeliest

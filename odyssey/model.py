@@ -91,38 +91,36 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
-
-    @classmethod
-    def tiny(cls) -> ModelConfig:
-        return cls.from_preset("tiny")
-
-    @classmethod
-    def small(cls) -> ModelConfig:
-        return cls.from_preset("small")
-
-    @classmethod
-    def gpt_125m(cls) -> ModelConfig:
-        return cls.from_preset("gpt-125m")
-
-    @classmethod
-    def gpt_350m(cls) -> ModelConfig:
-        return cls.from_preset("gpt-350m")
-
-    @classmethod
-    def gpt_1_3b(cls) -> ModelConfig:
-        return cls.from_preset("gpt-1.3b")
+        return replace(PRESETS[name](), **overrides)
 
 
-# Named recipes. tiny: CPU tests in seconds. small: ~20M parameters, CPU benchmarks. The gpt-* shapes
-# follow GPT-3's table (Brown et al. 2020) with a GPT-2-sized vocabulary; they are for GPUs.
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=4096, d_model=128, n_layer=2, n_head=4, max_seq_len=256),
-    "small": ModelConfig(vocab_size=8192, d_model=512, n_layer=5, n_head=8, max_seq_len=512),
-    "gpt-125m": ModelConfig(vocab_size=50304, d_model=768, n_layer=12, n_head=12, max_seq_len=2048),
-    "gpt-350m": ModelConfig(vocab_size=50304, d_model=1024, n_layer=24, n_head=16, max_seq_len=2048),
-    "gpt-1.3b": ModelConfig(vocab_size=50304, d_model=2048, n_layer=24, n_head=16, max_seq_len=2048),
-}
+# Named recipes. The gpt-* shapes follow GPT-3's table (Brown et al. 2020) with a GPT-2-sized
+# vocabulary (50257 padded to a multiple of 64).
+
+
+def tiny() -> ModelConfig:
+    """1M parameters: CPU tests and the demo, seconds per run."""
+    return ModelConfig(vocab_size=4096, d_model=128, n_layer=2, n_head=4, max_seq_len=256)
+
+
+def small() -> ModelConfig:
+    """~20M parameters: CPU benchmarks."""
+    return ModelConfig(vocab_size=8192, d_model=512, n_layer=5, n_head=8, max_seq_len=512)
+
+
+def gpt_125m() -> ModelConfig:
+    return ModelConfig(vocab_size=50304, d_model=768, n_layer=12, n_head=12, max_seq_len=2048)
+
+
+def gpt_350m() -> ModelConfig:
+    return ModelConfig(vocab_size=50304, d_model=1024, n_layer=24, n_head=16, max_seq_len=2048)
+
+
+def gpt_1_3b() -> ModelConfig:
+    return ModelConfig(vocab_size=50304, d_model=2048, n_layer=24, n_head=16, max_seq_len=2048)
+
+
+PRESETS = {"tiny": tiny, "small": small, "gpt-125m": gpt_125m, "gpt-350m": gpt_350m, "gpt-1.3b": gpt_1_3b}
 
 
 def pad_vocab(n_tokens: int, multiple: int = 64) -> int:

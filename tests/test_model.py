@@ -178,7 +178,7 @@ def test_loading_refuses_a_mismatched_checkpoint(tmp_path):
 def test_presets_and_flops():
     assert set(PRESETS) == {"tiny", "small", "gpt-125m", "gpt-350m", "gpt-1.3b"}
     with torch.device("meta"):
-        sizes = {name: Transformer(cfg).num_params() for name, cfg in PRESETS.items()}
+        sizes = {name: Transformer(recipe()).num_params() for name, recipe in PRESETS.items()}
     assert 15e6 < sizes["small"] < 25e6
     assert (
         110e6 < sizes["gpt-125m"] < 140e6

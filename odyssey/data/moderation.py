@@ -151,7 +151,9 @@ class WordList:
     def found_in(self, text: str) -> bool:
         words = re.findall(r"[a-z]+", text.lower())
         return any(
-            tuple(words[i : i + n]) in self.phrases for n in range(1, self.longest + 1) for i in range(len(words) - n + 1)
+            tuple(words[i : i + n]) in self.phrases
+            for n in range(1, self.longest + 1)
+            for i in range(len(words) - n + 1)
         )
 
 

@@ -174,7 +174,9 @@ def pack_corpus(
         # Two splits in flight: while one holds the GIL packing in Python, the other is encoding in
         # Rust on every core (encode_batch releases the GIL). Results come back in job order.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(pool.map(lambda job: _pack_split(corpus, tok, *job, seq_len + 1, seed, stage), jobs))
+            results = list(
+                pool.map(lambda job: _pack_split(corpus, tok, *job, seq_len + 1, seed, stage), jobs)
+            )
         seconds = time.perf_counter() - t0
         tokens = sum(r[2] for r in results)
         counts: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
@@ -195,7 +197,9 @@ def pack_corpus(
             "shards": [shard for r in results for shard in r[1]],
         }
         atomic.write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    log.info("packed %d tokens into %s in %.1fs (%.0f tokens/s)", tokens, out, seconds, tokens / max(seconds, 1e-9))
+    log.info(
+        "packed %d tokens into %s in %.1fs (%.0f tokens/s)", tokens, out, seconds, tokens / max(seconds, 1e-9)
+    )
     return manifest
 
 
