@@ -4,6 +4,8 @@
     odyssey tokenizer train --corpus DIR [--vocab-size N] [--out FILE]
     odyssey data pack --corpus DIR [--tokenizer FILE] [--seq-len N] [--out DIR]
     odyssey model presets
+    odyssey train --config RECIPE [--set k=v ...]      (= python -m train)
+    odyssey export CHECKPOINT_OR_RUN --out DIR [--best]
     odyssey demo [--set k=v ...]
 
 Errors a user can fix are printed as one line `odyssey: error: ...` with exit status 2.
@@ -76,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="corpus -> tokenizer -> train the tiny model -> samples, in one process"
     )
     _add_set(demo)
+
+    train = sub.add_parser("train", help="pretrain with Ray Train + DeepSpeed (same as python -m train)")
+    train.add_argument("train_args", nargs=argparse.REMAINDER, help="python -m train's arguments")
+
+    export = sub.add_parser("export", help="a training checkpoint -> safetensors + config + tokenizer")
+    export.add_argument("source", type=Path, help="a checkpoint_* directory or a run directory")
+    export.add_argument("--out", required=True, type=Path)
+    export.add_argument(
+        "--best", action="store_true", help="from a run: the lowest validation loss, not the latest"
+    )
+    export.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -140,6 +153,13 @@ def _model_presets(args) -> dict:
     return rows
 
 
+def _export(args) -> dict:
+    from train.export import export
+
+    out = export(args.source, args.out, best=args.best, overwrite=args.overwrite)
+    return {"model": str(out)}
+
+
 def _demo(args) -> dict:
     from odyssey.config import load_config
     from odyssey.demo import DemoConfig, run
@@ -152,11 +172,17 @@ COMMANDS = {
     ("data", "pack"): _data_pack,
     ("tokenizer", "train"): _tokenizer_train,
     ("model", "presets"): _model_presets,
+    ("export", None): _export,
     ("demo", None): _demo,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # its own parser and its own JSON line
+        from train.launch import main as train_main
+
+        return train_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -44,11 +44,13 @@ def blocks_dir(corpus_dir, tokenizer):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster on loopback with token auth, shared by the session and shut down after it."""
+    """A local Ray cluster on loopback with token auth, shared by the session and shut down after it.
+    Four logical CPUs on two cores: two training workers (one thread each) plus room for Ray Data."""
     import ray
 
     ctx = ray.init(
-        num_cpus=2,
+        address="local",  # a new cluster of its own, whatever else runs on the machine
+        num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

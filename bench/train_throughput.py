@@ -1,0 +1,193 @@
+"""Benchmark: training throughput of the `small` model, side by side in one run.
+
+    python bench/train_throughput.py [--steps 15] [--micro-batch 4]
+
+Settings, on the same model shape, sequence length and data:
+  - a plain single-process PyTorch loop (AdamW, no Ray, no DeepSpeed), all cores;
+  - Ray Train + DeepSpeed ZeRO-0, ZeRO-2 and ZeRO-3 with 1 worker (all cores) and with 2 workers
+    (one core each).
+Each reports tokens/s over its steps after a warm-up interval, MFU against the fp32 matmul peak this
+script measures with all cores before any setting runs (one peak for all, so the ratios compare), and
+peak resident memory. Targets: DeepSpeed at 1 worker >= 0.95x the plain loop's tokens/s; the best
+setting's MFU >= 60% of the measured peak. Writes bench/results/train_throughput.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
+
+from bench import report
+from odyssey import cluster, flops
+
+TARGET_RATIO, TARGET_MFU = 0.95, 0.60
+
+
+def plain_loop(
+    blocks_dir: str, seq_len: int, micro_batch: int, steps: int, warmup: int, threads: int
+) -> dict:
+    """The baseline, in a fresh process of its own (so its peak memory is its own)."""
+    import numpy as np
+    import torch
+
+    from odyssey import optim
+    from odyssey.data import packing
+    from odyssey.model import ModelConfig, Transformer, pad_vocab
+    from odyssey.tasks import TASKS
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    manifest = json.loads((Path(blocks_dir) / "manifest.json").read_text())
+    ids = np.concatenate([packing.read_blocks(blocks_dir, t, "train")[0] for t in TASKS])
+    cfg = ModelConfig.from_preset("small", vocab_size=pad_vocab(manifest["vocab_size"]), max_seq_len=seq_len)
+    model = Transformer(cfg)
+    opt = optim.adamw(model, 1e-3, 0.1)
+    rng = np.random.default_rng(0)
+    t0 = None
+    for step in range(steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        batch = torch.from_numpy(ids[rng.integers(len(ids), size=micro_batch)].astype(np.int64))
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    seconds = time.perf_counter() - t0
+    return {
+        "tokens_per_s": (steps - warmup) * micro_batch * seq_len / seconds,
+        "memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "flops_per_token": model.flops_per_token(seq_len),
+        "params_M": model.num_params() / 1e6,
+    }
+
+
+def deepspeed_run(
+    storage: str, corpus: str, stage: int, workers: int, micro_batch: int, steps: int, warmup: int
+) -> dict:
+    from odyssey.config import load_config
+    from train import launch
+    from train.config import TrainConfig, recipe_path
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    seq_len = 512
+    overrides = [
+        f"name=zero{stage}-w{workers}",
+        f"storage={storage}",
+        f"data.corpus={corpus}",
+        f"deepspeed.zero_stage={stage}",
+        f"scaling.workers={workers}",
+        f"scaling.cpus_per_worker={threads}",
+        f"micro_batch_size={micro_batch}",
+        f"global_batch_tokens={micro_batch * seq_len * workers}",
+        f"steps={steps}",
+        f"log_every={warmup}",  # the first interval (start-up) is kept out of the average
+        f"eval_every={steps}",
+        f"checkpoint_every={steps}",
+    ]
+    summary = launch.run(load_config(TrainConfig, recipe_path("small-cpu"), overrides))
+    metrics = [
+        json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    return {"tokens_per_s": summary["tokens_per_s"], "memory_gb": max(m["memory_gb"] for m in metrics)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--data", default="runs/data/full", help="corpus directory (built when missing)")
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    import torch
+
+    torch.set_num_threads(cores)
+    peak = flops.measure_matmul_flops("fp32", n=2048, seconds=3.0)
+    print(f"fp32 matmul peak, {cores} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
+
+    # Data: the small-cpu recipe's (the full corpus at 512 tokens), prepared once.
+    from odyssey.config import load_config
+    from train import data as train_data
+    from train.config import TrainConfig, recipe_path
+
+    cfg = load_config(TrainConfig, recipe_path("small-cpu"), [f"data.corpus={args.data}"])
+    train_data.prepare(cfg)
+    blocks_dir = cfg.data.blocks_dir
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        plain = pool.apply(plain_loop, (blocks_dir, 512, args.micro_batch, args.steps, args.warmup, cores))
+    flops_per_token = plain["flops_per_token"]
+    results = {"plain": plain}
+    print(f"plain loop: {plain['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    cluster.connect(num_cpus=cores + 3)
+    with tempfile.TemporaryDirectory() as storage:
+        for workers in (1, 2):
+            for stage in (0, 2, 3):
+                name = f"zero{stage}-w{workers}"
+                results[name] = deepspeed_run(
+                    storage, args.data, stage, workers, args.micro_batch, args.steps, args.warmup
+                )
+                print(f"{name}: {results[name]['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    for r in results.values():
+        r["mfu"] = flops.mfu(flops_per_token, r["tokens_per_s"], peak)
+    best_ds1 = max(results[f"zero{s}-w1"]["tokens_per_s"] for s in (0, 2, 3))
+    ratio = best_ds1 / plain["tokens_per_s"]
+    best = max(results, key=lambda k: results[k]["mfu"])
+    targets = {
+        "deepspeed_1_worker_vs_plain": TARGET_RATIO,
+        "best_mfu": TARGET_MFU,
+        "ratio_met": ratio >= TARGET_RATIO,
+        "mfu_met": results[best]["mfu"] >= TARGET_MFU,
+    }
+    figures = {
+        "model": f"small ({plain['params_M']:.1f} M parameters), seq_len 512, micro-batch {args.micro_batch}",
+        "peak_gflops_fp32": round(peak / 1e9, 1),
+        "flops_per_token": flops_per_token,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "settings": {
+            k: {kk: round(vv, 4) for kk, vv in v.items() if kk in ("tokens_per_s", "mfu", "memory_gb")}
+            for k, v in results.items()
+        },
+        "deepspeed_1_worker_vs_plain": round(ratio, 3),
+        "best": best,
+    }
+    table = [
+        (name, f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.0%}, {r['memory_gb']:.2f} GiB", "")
+        for name, r in results.items()
+    ]
+    table += [
+        (
+            "DeepSpeed 1 worker (best stage) / plain loop",
+            f"**{ratio:.2f}x**",
+            f">= {TARGET_RATIO}x: {'met' if targets['ratio_met'] else 'NOT met'}",
+        ),
+        (
+            f"best MFU ({best})",
+            f"**{results[best]['mfu']:.0%}** of {peak / 1e9:.0f} GFLOP/s",
+            f">= {TARGET_MFU:.0%}: {'met' if targets['mfu_met'] else 'NOT met'}",
+        ),
+    ]
+    notes = (
+        f"MFU = {flops_per_token / 1e6:.0f} MFLOP/token (6N + 12LDT) x tokens/s / the fp32 matmul peak measured "
+        f"above with {cores} threads. Memory: peak resident set of the training process (max over workers)."
+    )
+    path = report.write("train_throughput", figures, targets, table, notes)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from train.launch import main
+
+raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The training config: one typed dataclass per concern, a named recipe per YAML file in configs/.
+
+Batch arithmetic is checked here, before any worker starts: the global batch is given in tokens and
+must split evenly into micro_batch_size x seq_len x workers x gradient-accumulation steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from odyssey.errors import ConfigError
+from odyssey.model import ModelConfig, tiny
+from odyssey.tasks import TASKS
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "runs/data/tiny"  # `odyssey data build --out` output
+    blocks: str | None = None  # packed blocks; None: {corpus}/blocks-{seq_len}
+    seq_len: int = 128
+    mixture: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 1.0))  # task -> weight
+    # Build corpus, tokenizer and blocks on the driver when they are missing (CPU recipes); else a
+    # missing dataset is an error before any worker starts.
+    prepare: bool = False
+    prepare_preset: Literal["tiny", "full"] = "tiny"
+    vocab_size: int = 4096  # of the tokenizer `prepare` trains
+    shuffle_buffer_blocks: int = 64  # local shuffle on each worker, per epoch
+    # stream: Ray Data reads the shards lazily across the cluster (any size). memory: the driver reads
+    # them and Ray Data streams them from memory (small corpora; starts in a second).
+    load: Literal["stream", "memory"] = "stream"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 8:
+            raise ConfigError(f"seq_len={self.seq_len} is too short; use 8 or more")
+        unknown = set(self.mixture) - set(TASKS)
+        if unknown:
+            raise ConfigError(f"mixture: unknown task {sorted(unknown)[0]!r}; tasks: {', '.join(TASKS)}")
+        if any(w < 0 for w in self.mixture.values()) or not any(w > 0 for w in self.mixture.values()):
+            raise ConfigError("mixture: weights must be >= 0 and at least one > 0")
+
+    @property
+    def blocks_dir(self) -> str:
+        return self.blocks or str(Path(self.corpus) / f"blocks-{self.seq_len}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False  # optimizer state in host memory (ZeRO 1-3)
+    offload_params: bool = False  # parameters in host memory (ZeRO 3 only)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+
+    def __post_init__(self) -> None:
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"offload_params needs zero_stage 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
+
+
+@dataclass
+class ScalingConfig:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # Cluster check before start: with an autoscaler the cluster may grow to fit, so only
+    # `autoscaling: false` clusters are held to what they have now.
+    autoscaling: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("cpus_per_worker must be positive")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny-cpu"  # the run directory is {storage}/{name}; launching again resumes it
+    storage: str = "runs"
+    model: ModelConfig = field(default_factory=tiny)  # vocab and context follow the data
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    global_batch_tokens: int = 2048
+    micro_batch_size: int = 8  # sequences per worker per forward/backward
+    steps: int = 60
+    log_every: int = 5
+    eval_every: int = 30
+    eval_blocks: int = 16  # validation blocks per task
+    checkpoint_every: int = 30
+    keep_checkpoints: int = 2  # best by validation loss; the latest is always kept too
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint
+    peak_tflops: float | None = None  # per device, for MFU; None: table (GPU) or measured (CPU)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "log_every",
+            "eval_every",
+            "checkpoint_every",
+            "micro_batch_size",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.grad_accum_steps  # noqa: B018  (checks the batch arithmetic now)
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name {self.name!r} must be a non-empty directory name")
+
+    @property
+    def tokens_per_micro_step(self) -> int:
+        """Tokens one forward/backward consumes across all workers."""
+        return self.micro_batch_size * self.data.seq_len * self.scaling.workers
+
+    @property
+    def grad_accum_steps(self) -> int:
+        per = self.tokens_per_micro_step
+        if self.global_batch_tokens % per:
+            lower = max(per, self.global_batch_tokens // per * per)
+            raise ConfigError(
+                f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
+                f"workers = {self.micro_batch_size} x {self.data.seq_len} x {self.scaling.workers} = {per}; "
+                f"use {lower} or {lower + per}"
+            )
+        return self.global_batch_tokens // per
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """`tiny-cpu` -> train/configs/tiny-cpu.yaml; a path is taken as it is."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"no recipe {name_or_path!r}; recipes: {known} (or give a YAML path)")
+    return candidate

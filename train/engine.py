@@ -1,0 +1,63 @@
+"""The DeepSpeed side of training: its JSON config generated from our typed config, activation
+checkpointing applied from outside the model, and the engine built around the core Transformer."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from odyssey import optim
+from odyssey.model import ModelConfig, Transformer
+from train.config import TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        # Overlapping communication with compute pays off on GPUs; on CPU/gloo it only adds threads.
+        zero.update(contiguous_gradients=True, overlap_comm=cfg.scaling.use_gpu)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * cfg.scaling.workers,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # Our own AdamW (torch's), over the model's parameter groups: µP scales each group's lr.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # progress is ours (train/metrics.py)
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations during backward instead of keeping them: memory for compute.
+    The blocks' forward methods are wrapped in place, so parameter names (and checkpoints) do not change."""
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def build_engine(cfg: TrainConfig, model_cfg: ModelConfig):
+    """(engine, model) with every rank starting from the same initial weights (seeded)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg)
+    if cfg.deepspeed.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    optimizer = optim.adamw(
+        model, cfg.optim.lr, cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    return engine, model

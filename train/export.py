@@ -1,0 +1,54 @@
+"""`odyssey export CHECKPOINT_OR_RUN --out DIR`: a ZeRO training checkpoint consolidated into the
+serving format (odyssey/artifact.py: safetensors + config.json + tokenizer.json).
+
+ZeRO 1-3 keep the fp32 master weights partitioned across the ranks' optimizer files; DeepSpeed's
+zero_to_fp32 gathers them. ZeRO 0 keeps the whole module in the model-states file. Either way the
+result loads into the core Transformer with every key matched, and DeepSpeed is needed only here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from odyssey import artifact
+from odyssey.config import from_dict
+from odyssey.errors import OdysseyError
+from odyssey.model import ModelConfig, Transformer
+from odyssey.tokenizer import Tokenizer
+from train import checkpoint
+
+
+def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    tag_dir = checkpoint_dir / checkpoint.TAG
+    if zero_stage == 0:
+        # Our own checkpoint, written by our own run: DeepSpeed stores the module with torch.save.
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=checkpoint.TAG)
+
+
+def export(source: str | Path, out: str | Path, best: bool = False, overwrite: bool = False) -> Path:
+    """Export a checkpoint (or a run's latest, or best with best=True) to `out`; returns `out`."""
+    ckpt = checkpoint.find(source, best=best)
+    meta = checkpoint.read_meta(ckpt)
+    model = Transformer(from_dict(ModelConfig, meta["model"], "model"))
+    state = consolidated_state_dict(ckpt, meta["zero_stage"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise OdysseyError(
+            f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    tokenizer = Tokenizer.load(ckpt / "tokenizer.json") if (ckpt / "tokenizer.json").is_file() else None
+    metadata = {
+        "source_checkpoint": str(ckpt),
+        "step": meta["step"],
+        "tokens": meta["tokens"],
+        "val_loss": meta["val_loss"],
+    }
+    return artifact.save_model(out, model, tokenizer, metadata=metadata, overwrite=overwrite)

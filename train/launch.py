@@ -1,0 +1,183 @@
+"""`python -m train` (and `odyssey train`): check the config, reach Ray, prepare data, run the
+TorchTrainer, print one JSON line summarising the run.
+
+    python -m train --config tiny-cpu [--set key=value ...] [--address ADDR]
+
+Ray: inside `ray job submit` (RAY_ADDRESS is set) or with --address, it joins that cluster; otherwise it
+starts an embedded one on loopback with token authentication. Everything that can be wrong with the
+request (config fields, batch arithmetic, a missing dataset, more workers than the cluster holds) is
+an error before any worker starts. Launching the same `name` again resumes the run from its latest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from odyssey import cluster
+from odyssey.config import load_config, to_dict
+from odyssey.errors import ConfigError, OdysseyError
+from odyssey.model import pad_vocab
+from train import data as train_data
+from train.config import TrainConfig, recipe_path
+
+log = logging.getLogger("train")
+
+
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
+    """Absolute paths (workers may run elsewhere) and the model sized to the data.
+    Returns (cfg, model config as a dict, blocks manifest)."""
+    data = replace(
+        cfg.data, corpus=str(Path(cfg.data.corpus).resolve()), blocks=str(Path(cfg.data.blocks_dir).resolve())
+    )
+    storage = cfg.storage if "://" in cfg.storage else str(Path(cfg.storage).resolve())
+    cfg = replace(cfg, data=data, storage=storage)
+    manifest = train_data.read_manifest(cfg)
+    model = replace(cfg.model, vocab_size=pad_vocab(manifest["vocab_size"]), max_seq_len=cfg.data.seq_len)
+    return cfg, to_dict(model), manifest
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    import ray
+
+    if cfg.scaling.autoscaling:
+        return
+    have = ray.cluster_resources()
+    need_cpu = cfg.scaling.workers * cfg.scaling.cpus_per_worker
+    if have.get("CPU", 0) < need_cpu + 1:  # + 1 for Ray Data's readers
+        raise ConfigError(
+            f"scaling: {cfg.scaling.workers} workers x {cfg.scaling.cpus_per_worker} CPUs (+1 for data) exceed the "
+            f"cluster's {have.get('CPU', 0):g} CPUs; lower scaling.workers, or set scaling.autoscaling=true on an autoscaling cluster"
+        )
+    if cfg.scaling.use_gpu and have.get("GPU", 0) < cfg.scaling.workers:
+        raise ConfigError(
+            f"scaling: {cfg.scaling.workers} GPU workers but the cluster has {have.get('GPU', 0):g} GPUs; lower "
+            f"scaling.workers, or set scaling.autoscaling=true on an autoscaling cluster"
+        )
+
+
+def run(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Train; returns the summary (also the last line the CLI prints)."""
+    if cfg.data.prepare:
+        train_data.prepare(cfg)
+    cfg, model, manifest = resolve(cfg)
+    weights = train_data.mixture_tasks(cfg, manifest)
+    # Logical CPUs of an embedded cluster: one per worker plus room for Ray Data's readers (each
+    # worker sets its own thread count, so this does not oversubscribe the cores).
+    cluster.connect(
+        address, num_cpus=max(os.cpu_count() or 1, int(cfg.scaling.workers * cfg.scaling.cpus_per_worker) + 2)
+    )
+    check_resources(cfg)
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from train.loop import train_loop_per_worker
+
+    run_dir = Path(cfg.storage) / cfg.name
+    if "://" not in cfg.storage:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump({**to_dict(cfg), "model": model}, sort_keys=False)
+        )
+    datasets = train_data.build_datasets(cfg, list(weights))
+    validation = train_data.read_validation(cfg)
+    train_names = [train_data.dataset_name("train", t) for t in weights]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": to_dict(cfg),
+            "model": model,
+            "mixture": weights,
+            "validation": validation,
+            "run_dir": str(run_dir),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=train_data.data_config(cfg, train_names),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; show the worker's message
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise OdysseyError(f"training failed: {type(cause).__name__}: {cause}") from e
+    return summarize(run_dir, result)
+
+
+def summarize(run_dir: Path, result) -> dict:
+    history = []
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    last = result.metrics or (history[-1] if history else {})
+    val = {k.removeprefix("val_loss_"): round(v, 4) for k, v in last.items() if k.startswith("val_loss_")}
+    return {
+        "run_dir": str(run_dir),
+        "steps": last.get("step"),
+        "tokens": last.get("tokens"),
+        "first_loss": round(history[0]["loss"], 4) if history else last.get("first_loss"),
+        "final_loss": round(last["loss"], 4) if "loss" in last else None,
+        "val_loss": {"mean": round(last["val_loss"], 4), **val} if "val_loss" in last else None,
+        "tokens_per_s": round(last.get("avg_tokens_per_s", last.get("tokens_per_s", 0.0))),
+        "mfu": round(last.get("avg_mfu", last.get("mfu", 0.0)), 4),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+
+
+def _disconnect() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="Pretrain the multitask model: Ray Train + DeepSpeed."
+    )
+    parser.add_argument("--config", default="tiny-cpu", help="a recipe name (train/configs/) or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        cfg = load_config(TrainConfig, recipe_path(args.config), args.overrides)
+        summary = run(cfg, args.address)
+    except OdysseyError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        _disconnect()
+    print(json.dumps(summary))  # the last line on stdout, once Ray has stopped printing worker logs
+    return 0

@@ -1,0 +1,183 @@
+"""`train_loop_per_worker`: what every Ray Train worker runs, top to bottom.
+
+    build the DeepSpeed engine around the core model -> resume from the latest checkpoint if there is
+    one -> for each step: accumulate micro-batches from the mixture, one optimizer step -> log, evaluate
+    and checkpoint at their intervals.
+
+The learning rate is a pure function of the step (odyssey/optim.py), so resuming restores it exactly.
+Every log_every steps: a progress line, metrics.jsonl and TensorBoard (rank 0). At every evaluation
+and checkpoint: `ray.train.report`, what the Ray dashboard shows (a report is a barrier: not every step).
+Losses and gradient norms are checked for NaN/Inf without a host sync per step (a flag accumulates on the device and is
+read at every log), so a diverged run stops before it can write a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from odyssey import flops, optim
+from odyssey.config import from_dict
+from odyssey.model import ModelConfig
+from train import checkpoint
+from train import data as train_data
+from train.config import TrainConfig
+from train.engine import build_engine
+from train.metrics import RunLog, memory_gb, peak_flops_per_device
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = from_dict(TrainConfig, config["train"])
+    model_cfg = from_dict(ModelConfig, config["model"])
+    run_dir, weights = Path(config["run_dir"]), config["mixture"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    # Measured first, before Ray Data and DeepSpeed start threads of their own (CPU: a timed matmul).
+    peak_per_device = peak_flops_per_device(cfg.deepspeed.precision, cfg.scaling.use_gpu, cfg.peak_tflops)
+    engine, model = build_engine(cfg, model_cfg)
+    device = engine.device
+    step, tokens, data_state = 0, 0, None
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as ckpt_dir:
+            meta, data_state = checkpoint.load(engine, Path(ckpt_dir), rank, world)
+        step, tokens = meta["step"], meta["tokens"]
+        if rank == 0:
+            print(
+                f"resumed from {resumed.path} at step {step} ({tokens:,} tokens)", file=sys.stderr, flush=True
+            )
+    loader = train_data.make_loader(cfg, weights, rank, world, data_state)
+    val_data = {
+        t: (torch.from_numpy(i.astype("int64")), torch.from_numpy(m.astype(bool)))
+        for t, (i, m) in config["validation"].items()
+    }
+
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak = _all_sum(peak_per_device, device)  # all devices together
+    log = RunLog(run_dir, cfg.steps, step, enabled=rank == 0)
+    nonfinite = torch.zeros((), device=device)
+    first_loss = None
+    timed_tokens, timed_seconds = 0, 0.0  # steady-state throughput: the first interval is start-up
+    loss_sum = torch.zeros((), device=device)
+    while step < cfg.steps:
+        step += 1
+        optim.set_lr(
+            engine.optimizer,
+            optim.lr_at(step - 1, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio),
+        )
+        for _ in range(cfg.grad_accum_steps):
+            inputs, targets, mask = (t.to(device) for t in loader.next())
+            loss = engine(inputs, targets, mask)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            loss = loss.detach().float()
+            nonfinite += ~torch.isfinite(loss)
+            loss_sum += loss
+        if cfg.deepspeed.precision != "fp16":  # fp16 overflows are loss scaling's business: skipped steps
+            grad_norm = engine.get_global_grad_norm()
+            nonfinite += ~torch.isfinite(
+                torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device)
+            )
+        tokens += cfg.global_batch_tokens
+
+        logging_now = step % cfg.log_every == 0 or step == cfg.steps
+        evaluating = step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps
+        saving = step % cfg.checkpoint_every == 0 or step == cfg.steps
+        if not (logging_now or evaluating or saving):
+            continue
+        steps_since = step - log.step_last
+        mean_loss = _all_mean(loss_sum / (steps_since * cfg.grad_accum_steps), device)  # also a sync point
+        loss_sum.zero_()
+        if _all_sum(nonfinite.item(), device) > 0:
+            raise FloatingPointError(
+                f"loss or gradient norm became NaN or Inf at or before step {step}; no checkpoint was written. Lower optim.lr "
+                f"(now {cfg.optim.lr}), raise optim.warmup_steps, or use precision bf16 instead of fp16"
+            )
+        seconds = log.interval_seconds()
+        rate = steps_since * cfg.global_batch_tokens / seconds
+        if first_loss is None:
+            first_loss = mean_loss
+        else:
+            timed_tokens, timed_seconds = (
+                timed_tokens + steps_since * cfg.global_batch_tokens,
+                timed_seconds + seconds,
+            )
+        metrics = {
+            "step": step,
+            "tokens": tokens,
+            "loss": mean_loss,
+            "lr": engine.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": rate,
+            "mfu": flops.mfu(flops_per_token, rate, peak),
+            "memory_gb": _all_max(memory_gb(cfg.scaling.use_gpu), device),
+        }
+        if evaluating:
+            metrics.update({f"val_loss_{t}": v for t, v in evaluate(engine, val_data, device).items()})
+            task_losses = [v for k, v in metrics.items() if k.startswith("val_loss_")]
+            metrics["val_loss"] = sum(task_losses) / len(task_losses) if task_losses else mean_loss
+        if step == cfg.steps:
+            avg = timed_tokens / timed_seconds if timed_seconds else rate
+            metrics.update(
+                first_loss=first_loss, avg_tokens_per_s=avg, avg_mfu=flops.mfu(flops_per_token, avg, peak)
+            )
+        log.write(step, tokens, metrics)
+        if saving:
+            meta = {
+                "step": step,
+                "tokens": tokens,
+                "world_size": world,
+                "zero_stage": cfg.deepspeed.zero_stage,
+                "model": config["model"],
+                "train": config["train"],
+                "val_loss": metrics["val_loss"],
+            }
+            tokenizer = Path(cfg.data.corpus) / "tokenizer.json"
+            checkpoint.save(
+                engine, step, metrics, meta, loader.state(), tokenizer if tokenizer.is_file() else None
+            )
+        elif evaluating:  # Ray Train's record (the dashboard) at evaluations: a report is a barrier
+            ray.train.report(metrics)
+        log.mark(step)
+    log.close()
+
+
+@torch.no_grad()
+def evaluate(engine, val_data: dict, device) -> dict[str, float]:
+    """Mean loss per task over the same validation blocks on every rank (ZeRO-3 needs all ranks in
+    every forward pass)."""
+    engine.eval()
+    losses = {}
+    for task, (ids, mask) in val_data.items():
+        ids, mask = ids.to(device), mask.to(device)
+        losses[task] = float(engine(ids[:, :-1], ids[:, 1:], mask[:, 1:]))
+    engine.train()
+    return losses
+
+
+def _all_mean(x: torch.Tensor | float, device) -> float:
+    t = torch.as_tensor(x, dtype=torch.float64, device=device).clone()
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _all_sum(x: float, device) -> float:
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _all_max(x: float, device) -> float:
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
