@@ -6,9 +6,10 @@ Settings, on the same model shape, sequence length and data:
   - a plain single-process PyTorch loop (AdamW, no Ray, no DeepSpeed), all cores;
   - Ray Train + DeepSpeed ZeRO-0, ZeRO-2 and ZeRO-3 with 1 worker (all cores) and with 2 workers
     (one core each).
-Each reports tokens/s over its steps after a warm-up interval, MFU against the fp32 matmul peak this
-script measures with all cores before any setting runs (one peak for all, so the ratios compare), and
-peak resident memory. Targets: DeepSpeed at 1 worker >= 0.95x the plain loop's tokens/s; the best
+Each runs `--rounds` times, interleaved (the machines are shared and noisy; medians count), and reports
+tokens/s over its steps after a warm-up interval, MFU against the fp32 matmul peak this script measures
+with all cores before any setting runs (one peak for all, so the settings compare), and peak resident
+memory. Targets: DeepSpeed at 1 worker >= 0.95x the plain loop's tokens/s; the best
 setting's MFU >= 60% of the measured peak. Writes bench/results/train_throughput.json and .md.
 """
 
@@ -19,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -103,7 +105,10 @@ def deepspeed_run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="every setting this many times, interleaved; medians"
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--data", default="runs/data/full", help="corpus directory (built when missing)")
@@ -125,27 +130,46 @@ def main() -> None:
     train_data.prepare(cfg)
     blocks_dir = cfg.data.blocks_dir
 
-    with mp.get_context("spawn").Pool(1) as pool:
-        plain = pool.apply(plain_loop, (blocks_dir, 512, args.micro_batch, args.steps, args.warmup, cores))
-    flops_per_token = plain["flops_per_token"]
-    results = {"plain": plain}
-    print(f"plain loop: {plain['tokens_per_s']:.0f} tokens/s", flush=True)
-
-    cluster.connect(num_cpus=cores + 3)
-    with tempfile.TemporaryDirectory() as storage:
-        for workers in (1, 2):
-            for stage in (0, 2, 3):
-                name = f"zero{stage}-w{workers}"
-                results[name] = deepspeed_run(
-                    storage, args.data, stage, workers, args.micro_batch, args.steps, args.warmup
-                )
-                print(f"{name}: {results[name]['tokens_per_s']:.0f} tokens/s", flush=True)
+    cluster.connect(num_cpus=cores + 3)  # up for every setting, the plain loop's included
+    names = ["plain"] + [f"zero{stage}-w{workers}" for workers in (1, 2) for stage in (0, 2, 3)]
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    flops_per_token = None
+    with tempfile.TemporaryDirectory() as storage, mp.get_context("spawn").Pool(1) as pool:
+        for round_ in range(args.rounds):  # interleaved rounds: every setting sees the same machine weather
+            for name in names:
+                if name == "plain":
+                    r = pool.apply(
+                        plain_loop, (blocks_dir, 512, args.micro_batch, args.steps, args.warmup, cores)
+                    )
+                    flops_per_token = r["flops_per_token"]
+                else:
+                    stage, workers = int(name[4]), int(name[-1])
+                    r = deepspeed_run(
+                        f"{storage}/{round_}",
+                        args.data,
+                        stage,
+                        workers,
+                        args.micro_batch,
+                        args.steps,
+                        args.warmup,
+                    )
+                samples[name].append(r)
+                print(f"round {round_ + 1}: {name}: {r['tokens_per_s']:.0f} tokens/s", flush=True)
+    plain = samples["plain"][0]
+    results = {
+        name: {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "memory_gb": max(r["memory_gb"] for r in runs),
+            "runs": [round(r["tokens_per_s"]) for r in runs],
+        }
+        for name, runs in samples.items()
+    }
 
     for r in results.values():
         r["mfu"] = flops.mfu(flops_per_token, r["tokens_per_s"], peak)
     best_ds1 = max(results[f"zero{s}-w1"]["tokens_per_s"] for s in (0, 2, 3))
-    ratio = best_ds1 / plain["tokens_per_s"]
-    best = max(results, key=lambda k: results[k]["mfu"])
+    ratio = best_ds1 / results["plain"]["tokens_per_s"]
+    best = max((k for k in results if k != "plain"), key=lambda k: results[k]["mfu"])
     targets = {
         "deepspeed_1_worker_vs_plain": TARGET_RATIO,
         "best_mfu": TARGET_MFU,
@@ -166,7 +190,11 @@ def main() -> None:
         "best": best,
     }
     table = [
-        (name, f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.0%}, {r['memory_gb']:.2f} GiB", "")
+        (
+            name,
+            f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.0%}, {r['memory_gb']:.2f} GiB (runs: {r['runs']})",
+            "",
+        )
         for name, r in results.items()
     ]
     table += [

@@ -15,8 +15,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS, as inside `ray job submit`); else start an embedded cluster."""
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if not address and not _token_configured():
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this embedded cluster's own token
+    if not address:
+        if not _token_configured():
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this embedded cluster's own token
+        # Ray runs workers at nice 15 by default; in an embedded cluster the workers are the job, and on a
+        # small machine every preemption of one compute thread stalls its peers at the next barrier.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     if ray.is_initialized():

@@ -27,7 +27,7 @@ from train.config import TrainConfig, recipe_path
 from train.export import export
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 16
+STEPS = 32  # room after the step-8 checkpoint: the kill test must land before the run ends
 
 
 def settings(corpus_dir, storage, name, *extra) -> list[str]:
@@ -166,6 +166,9 @@ def test_killed_run_resumes_on_the_uninterrupted_curve(zero_runs, corpus_dir, tm
         *[a for s in settings(corpus_dir, tmp_path, "killed") for a in ("--set", s)],
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    # Ray Train registers a reported checkpoint at its next poll of the workers (every 2 s by default);
+    # poll often so the kill lands a few steps after step 8, far from the end of the run.
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -175,7 +178,7 @@ def test_killed_run_resumes_on_the_uninterrupted_curve(zero_runs, corpus_dir, tm
         assert proc.poll() is None and time.monotonic() < deadline, (
             "the run ended before its first checkpoint"
         )
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     killed_at = max(losses(run_dir))

@@ -42,8 +42,6 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-    # Measured first, before Ray Data and DeepSpeed start threads of their own (CPU: a timed matmul).
-    peak_per_device = peak_flops_per_device(cfg.deepspeed.precision, cfg.scaling.use_gpu, cfg.peak_tflops)
     engine, model = build_engine(cfg, model_cfg)
     device = engine.device
     step, tokens, data_state = 0, 0, None
@@ -63,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
     }
 
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    peak = _all_sum(peak_per_device, device)  # all devices together
+    peak = None  # FLOP/s of all devices together, taken at the first log (see below)
     log = RunLog(run_dir, cfg.steps, step, enabled=rank == 0)
     nonfinite = torch.zeros((), device=device)
     first_loss = None
@@ -104,6 +102,11 @@ def train_loop_per_worker(config: dict) -> None:
                 f"(now {cfg.optim.lr}), raise optim.warmup_steps, or use precision bf16 instead of fp16"
             )
         seconds = log.interval_seconds()
+        if peak is None:
+            # On CPUs the peak is a timed matmul: taken here, with every rank idle at the same moment and
+            # start-up (Ray, Ray Data, DeepSpeed) over, so nothing but the matmul competes for the cores.
+            own = peak_flops_per_device(cfg.deepspeed.precision, cfg.scaling.use_gpu, cfg.peak_tflops)
+            peak = _all_sum(own, device)
         rate = steps_since * cfg.global_batch_tokens / seconds
         if first_loss is None:
             first_loss = mean_loss
