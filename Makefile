@@ -11,7 +11,7 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench bench-train setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/data.py $(ARGS)
+
+bench-train: $(STAMP)  # ~25 minutes on 2 cores
+	$(BIN)/python bench/train_throughput.py $(ARGS)
 
 setup: $(STAMP)
 

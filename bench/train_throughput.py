@@ -1,13 +1,14 @@
 """Benchmark: training throughput of the `small` model, side by side in one run.
 
-    python bench/train_throughput.py [--steps 15] [--micro-batch 4]
+    python bench/train_throughput.py [--rounds 3] [--steps 14] [--micro-batch 4] [--only plain zero0-w1 ...]
 
 Settings, on the same model shape, sequence length and data:
   - a plain single-process PyTorch loop (AdamW, no Ray, no DeepSpeed), all cores;
   - Ray Train + DeepSpeed ZeRO-0, ZeRO-2 and ZeRO-3 with 1 worker (all cores) and with 2 workers
     (one core each).
-Each runs `--rounds` times, interleaved (the machines are shared and noisy; medians count), and reports
-tokens/s over its steps after a warm-up interval, MFU against the fp32 matmul peak this script measures
+Each runs `--rounds` times, interleaved (the machines are shared and noisy), and reports tokens/s as
+the median over rounds of each run's median step (after `--warmup` steps; a median shrugs off the
+seconds another tenant takes from the cores, which a mean over the run would charge to one setting), MFU against the fp32 matmul peak this script measures
 with all cores before any setting runs (one peak for all, so the settings compare), and peak resident
 memory. Targets: DeepSpeed at 1 worker >= 0.95x the plain loop's tokens/s; the best
 setting's MFU >= 60% of the measured peak. Writes bench/results/train_throughput.json and .md.
@@ -54,19 +55,18 @@ def plain_loop(
     model = Transformer(cfg)
     opt = optim.adamw(model, 1e-3, 0.1)
     rng = np.random.default_rng(0)
-    t0 = None
-    for step in range(steps):
-        if step == warmup:
-            t0 = time.perf_counter()
+    step_seconds = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
         batch = torch.from_numpy(ids[rng.integers(len(ids), size=micro_batch)].astype(np.int64))
         loss = model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    seconds = time.perf_counter() - t0
+        step_seconds.append(time.perf_counter() - t0)
     return {
-        "tokens_per_s": (steps - warmup) * micro_batch * seq_len / seconds,
+        "tokens_per_s": micro_batch * seq_len / statistics.median(step_seconds[warmup:]),
         "memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "flops_per_token": model.flops_per_token(seq_len),
         "params_M": model.num_params() / 1e6,
@@ -92,7 +92,7 @@ def deepspeed_run(
         f"micro_batch_size={micro_batch}",
         f"global_batch_tokens={micro_batch * seq_len * workers}",
         f"steps={steps}",
-        f"log_every={warmup}",  # the first interval (start-up) is kept out of the average
+        "log_every=1",  # a rate per step: the median over the steps after warm-up
         f"eval_every={steps}",
         f"checkpoint_every={steps}",
     ]
@@ -100,18 +100,27 @@ def deepspeed_run(
     metrics = [
         json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
     ]
-    return {"tokens_per_s": summary["tokens_per_s"], "memory_gb": max(m["memory_gb"] for m in metrics)}
+    return {
+        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics[warmup:]),
+        "memory_gb": max(m["memory_gb"] for m in metrics),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=14)
     parser.add_argument(
-        "--rounds", type=int, default=2, help="every setting this many times, interleaved; medians"
+        "--rounds", type=int, default=3, help="every setting this many times, interleaved; medians"
     )
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--data", default="runs/data/full", help="corpus directory (built when missing)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SETTING",
+        help="a subset, e.g. plain zero0-w1: printed, not written to bench/results",
+    )
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
@@ -132,6 +141,11 @@ def main() -> None:
 
     cluster.connect(num_cpus=cores + 3)  # up for every setting, the plain loop's included
     names = ["plain"] + [f"zero{stage}-w{workers}" for workers in (1, 2) for stage in (0, 2, 3)]
+    if args.only:
+        unknown = set(args.only) - set(names)
+        if unknown or "plain" not in args.only:
+            parser.error(f"--only: choose plain and any of {names[1:]} (got {sorted(unknown) or args.only})")
+        names = [n for n in names if n in args.only]
     samples: dict[str, list[dict]] = {name: [] for name in names}
     flops_per_token = None
     with tempfile.TemporaryDirectory() as storage, mp.get_context("spawn").Pool(1) as pool:
@@ -167,7 +181,7 @@ def main() -> None:
 
     for r in results.values():
         r["mfu"] = flops.mfu(flops_per_token, r["tokens_per_s"], peak)
-    best_ds1 = max(results[f"zero{s}-w1"]["tokens_per_s"] for s in (0, 2, 3))
+    best_ds1 = max(r["tokens_per_s"] for k, r in results.items() if k.endswith("-w1"))
     ratio = best_ds1 / results["plain"]["tokens_per_s"]
     best = max((k for k in results if k != "plain"), key=lambda k: results[k]["mfu"])
     targets = {
@@ -183,9 +197,17 @@ def main() -> None:
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "settings": {
-            k: {kk: round(vv, 4) for kk, vv in v.items() if kk in ("tokens_per_s", "mfu", "memory_gb")}
+            k: {kk: (round(vv, 4) if kk != "runs" else vv) for kk, vv in v.items()}
             for k, v in results.items()
         },
+        # Every round's ratio: how far the machine's weather moves it, next to the median's verdict.
+        "deepspeed_1_worker_vs_plain_per_round": [
+            round(
+                max(samples[k][i]["tokens_per_s"] for k in samples if k.endswith("-w1")) / p["tokens_per_s"],
+                3,
+            )
+            for i, p in enumerate(samples["plain"])
+        ],
         "deepspeed_1_worker_vs_plain": round(ratio, 3),
         "best": best,
     }
@@ -213,6 +235,9 @@ def main() -> None:
         f"MFU = {flops_per_token / 1e6:.0f} MFLOP/token (6N + 12LDT) x tokens/s / the fp32 matmul peak measured "
         f"above with {cores} threads. Memory: peak resident set of the training process (max over workers)."
     )
+    if args.only:  # a partial run is for looking, not for the record
+        print(json.dumps(figures, indent=1))
+        return
     path = report.write("train_throughput", figures, targets, table, notes)
     print(path.read_text())
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,14 @@ def test_zero_stages_agree_at_first_and_lower_the_loss(zero_runs):
     for step in (1, 2, 3):  # the same model, data and arithmetic: sharding must not change the numbers
         assert curves[2][step] == pytest.approx(curves[0][step], rel=1e-4)
         assert curves[3][step] == pytest.approx(curves[0][step], rel=1e-4)
+    flops_per_token = {}  # MFU / (tokens/s) = FLOPs per token / peak: the same model, so within noise
+    for stage, s in runs.items():
+        rows = [json.loads(line) for line in (Path(s["run_dir"]) / "metrics.jsonl").open()]
+        norms = [r["grad_norm"] for r in rows]  # every stage reports the clipped gradients' norm
+        assert len(norms) == STEPS and all(0 < n < 100 for n in norms), (stage, norms[:3])
+        flops_per_token[stage] = statistics.median(r["mfu"] / r["tokens_per_s"] for r in rows)
+    for stage in (2, 3):  # ZeRO-3's empty local parameters must not shrink the model it counts
+        assert 0.5 < flops_per_token[stage] / flops_per_token[0] < 2.0, flops_per_token
     for stage in (2, 3):
         s = runs[stage]
         assert s["steps"] == STEPS and s["tokens"] == STEPS * 2048

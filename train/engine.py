@@ -13,6 +13,13 @@ from odyssey.model import ModelConfig, Transformer
 from train.config import TrainConfig
 
 
+def loop_clips_gradients(cfg: TrainConfig) -> bool:
+    """DeepSpeed clips fp32 ZeRO-0 gradients but keeps no norm there (get_global_grad_norm() is None), and
+    the norm is what the logs show and the NaN/Inf check reads. So on that path the loop clips instead:
+    the same arithmetic, on the same all-reduced gradients, with the norm kept."""
+    return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
@@ -27,7 +34,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * cfg.scaling.workers,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if loop_clips_gradients(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         # Our own AdamW (torch's), over the model's parameter groups: µP scales each group's lr.
         "zero_allow_untested_optimizer": True,
@@ -49,15 +56,18 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 
 
 def build_engine(cfg: TrainConfig, model_cfg: ModelConfig):
-    """(engine, model) with every rank starting from the same initial weights (seeded)."""
+    """(engine, model, training FLOPs per token), every rank starting from the same initial weights
+    (seeded). The FLOPs are counted before DeepSpeed sees the model: ZeRO-3 leaves each rank's
+    parameters empty, which would count as a model without weights."""
     import deepspeed
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
     optimizer = optim.adamw(
         model, cfg.optim.lr, cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2)
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
-    return engine, model
+    return engine, model, flops_per_token

@@ -14,7 +14,7 @@ read at every log), so a diverged run stops before it can write a checkpoint.
 from __future__ import annotations
 
 import logging
-import sys
+import math
 from pathlib import Path
 
 import torch
@@ -26,8 +26,8 @@ from odyssey.model import ModelConfig
 from train import checkpoint
 from train import data as train_data
 from train.config import TrainConfig
-from train.engine import build_engine
-from train.metrics import RunLog, memory_gb, peak_flops_per_device
+from train.engine import build_engine, loop_clips_gradients
+from train.metrics import RunLog, console, memory_gb, peak_flops_per_device
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -42,7 +42,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-    engine, model = build_engine(cfg, model_cfg)
+    engine, model, flops_per_token = build_engine(cfg, model_cfg)
     device = engine.device
     step, tokens, data_state = 0, 0, None
     resumed = ray.train.get_checkpoint()
@@ -51,22 +51,21 @@ def train_loop_per_worker(config: dict) -> None:
             meta, data_state = checkpoint.load(engine, Path(ckpt_dir), rank, world)
         step, tokens = meta["step"], meta["tokens"]
         if rank == 0:
-            print(
-                f"resumed from {resumed.path} at step {step} ({tokens:,} tokens)", file=sys.stderr, flush=True
-            )
+            console(f"resumed from {resumed.path} at step {step} ({tokens:,} tokens)")
     loader = train_data.make_loader(cfg, weights, rank, world, data_state)
     val_data = {
         t: (torch.from_numpy(i.astype("int64")), torch.from_numpy(m.astype(bool)))
         for t, (i, m) in config["validation"].items()
     }
 
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = None  # FLOP/s of all devices together, taken at the first log (see below)
     log = RunLog(run_dir, cfg.steps, step, enabled=rank == 0)
     nonfinite = torch.zeros((), device=device)
     first_loss = None
     timed_tokens, timed_seconds = 0, 0.0  # steady-state throughput: the first interval is start-up
     loss_sum = torch.zeros((), device=device)
+    own_clipping = loop_clips_gradients(cfg)
+    grad_norm = None
     while step < cfg.steps:
         step += 1
         optim.set_lr(
@@ -76,13 +75,18 @@ def train_loop_per_worker(config: dict) -> None:
         for _ in range(cfg.grad_accum_steps):
             inputs, targets, mask = (t.to(device) for t in loader.next())
             loss = engine(inputs, targets, mask)
-            engine.backward(loss)
+            engine.backward(loss)  # at the accumulation boundary this also all-reduces the gradients
+            if own_clipping and engine.is_gradient_accumulation_boundary():
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.optim.grad_clip or math.inf
+                )
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             loss = loss.detach().float()
             nonfinite += ~torch.isfinite(loss)
             loss_sum += loss
-        if cfg.deepspeed.precision != "fp16":  # fp16 overflows are loss scaling's business: skipped steps
+        if not own_clipping:
             grad_norm = engine.get_global_grad_norm()
+        if cfg.deepspeed.precision != "fp16":  # fp16 overflows are loss scaling's business: skipped steps
             nonfinite += ~torch.isfinite(
                 torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device)
             )
@@ -120,11 +124,12 @@ def train_loop_per_worker(config: dict) -> None:
             "tokens": tokens,
             "loss": mean_loss,
             "lr": engine.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": rate,
             "mfu": flops.mfu(flops_per_token, rate, peak),
             "memory_gb": _all_max(memory_gb(cfg.scaling.use_gpu), device),
         }
+        if grad_norm is not None:  # fp16 loss scaling may skip a step's norm
+            metrics["grad_norm"] = float(grad_norm)
         if evaluating:
             metrics.update({f"val_loss_{t}": v for t, v in evaluate(engine, val_data, device).items()})
             task_losses = [v for k, v in metrics.items() if k.startswith("val_loss_")]

@@ -15,6 +15,13 @@ from odyssey import flops
 from odyssey.progress import Progress
 
 
+def console(line: str) -> None:
+    """One line on the worker's stderr, which Ray streams to the driver and the job's logs. Not `print`:
+    Ray Train patches it in workers to log as well as print, which shows every line twice."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def peak_flops_per_device(precision: str, use_gpu: bool, override_tflops: float | None) -> float:
     """The peak MFU divides by. GPU: the table; CPU: a matmul timed here, with this worker's threads."""
     if override_tflops:
@@ -41,7 +48,7 @@ class RunLog:
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
-        self.progress = Progress(total_steps, emit=lambda line: print(line, file=sys.stderr, flush=True))
+        self.progress = Progress(total_steps, emit=console)
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.writer = None
         if enabled:
