@@ -87,7 +87,7 @@ def median_step_rate(layer: str, corpus: str, steps: int, warmup: int) -> float:
 
         if not dist.is_initialized():
             os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(cluster.free_port())
             deepspeed.init_distributed("gloo")
         engine, model, _ = build_engine(cfg, model_cfg)
 
@@ -119,14 +119,6 @@ def on_a_thread(*args) -> float:
     thread.start()
     thread.join()
     return out["rate"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     # state API whether the run's controller is alive. Every process of the cluster inherits this
     # environment, so RAY_API_SERVER_ADDRESS points that API here: left to itself it would guess the
     # cluster from /tmp/ray/ray_current_cluster, which any earlier `ray start` may have left behind.
-    port = _free_port()
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     context = ray.init(
         address="local",
@@ -59,7 +59,8 @@ def _token_file() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from odyssey import artifact
+from odyssey import artifact, cluster
 from odyssey.config import load_config
 from odyssey.errors import ConfigError, OdysseyError
 from train import launch
@@ -204,19 +203,13 @@ def test_killed_run_resumes_on_the_uninterrupted_curve(zero_runs, corpus_dir, tm
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def head_node():
     """`ray start --head --block` on loopback with token auth; SIGTERM at teardown stops all it started."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (_free_port() for _ in range(7))
+    port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (cluster.free_port() for _ in range(7))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     proc = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
