@@ -11,7 +11,7 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-.PHONY: demo test lint bench bench-train setup clean
+.PHONY: demo test lint bench bench-train bench-serve setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -28,6 +28,9 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)  # ~25 minutes on 2 cores
 	$(BIN)/python bench/train_throughput.py $(ARGS)
+
+bench-serve: $(STAMP)  # ~10 minutes on 2 cores
+	$(BIN)/python bench/serve_load.py $(ARGS)
 
 setup: $(STAMP)
 

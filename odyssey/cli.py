@@ -6,6 +6,7 @@
     odyssey model presets
     odyssey train --config RECIPE [--set k=v ...]      (= python -m train)
     odyssey export CHECKPOINT_OR_RUN --out DIR [--best]
+    odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve stop
     odyssey demo [--set k=v ...]
 
 Errors a user can fix are printed as one line `odyssey: error: ...` with exit status 2.
@@ -89,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
         "--best", action="store_true", help="from a run: the lowest validation loss, not the latest"
     )
     export.add_argument("--overwrite", action="store_true")
+
+    serve = sub.add_parser(
+        "serve", help="deploy the serving app (serve/config.yaml) and return once every endpoint answers"
+    )
+    serve.add_argument("action", nargs="?", choices=["deploy", "stop"], default="deploy")
+    serve.add_argument("--model", type=Path, help="an exported model directory (`odyssey export`)")
+    serve.add_argument("--port", type=int, help="HTTP port on loopback (default: the config's, 8000)")
+    serve.add_argument("--config", type=Path, help="a Serve config (default: serve/config.yaml)")
+    serve.add_argument(
+        "--address", help="a cluster's dashboard URL (default: RAY_DASHBOARD_ADDRESS, else a local cluster)"
+    )
+    _add_set(serve)
     return parser
 
 
@@ -160,6 +173,20 @@ def _export(args) -> dict:
     return {"model": str(out)}
 
 
+def _serve(args) -> dict:
+    from serve import launch
+
+    if args.action == "stop":
+        return launch.stop(args.address)
+    if args.model is None:
+        raise OdysseyError(
+            "--model is required: an exported model directory (`odyssey export ... --out DIR`)"
+        )
+    return launch.deploy(
+        args.model, args.port, args.overrides, args.config or launch.CONFIG, address=args.address
+    )
+
+
 def _demo(args) -> dict:
     from odyssey.config import load_config
     from odyssey.demo import DemoConfig, run
@@ -174,6 +201,7 @@ COMMANDS = {
     ("model", "presets"): _model_presets,
     ("export", None): _export,
     ("demo", None): _demo,
+    ("serve", None): _serve,
 }
 
 

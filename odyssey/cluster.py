@@ -7,10 +7,23 @@ of the process (the entry points call it first).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from odyssey.errors import OdysseyError
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -64,3 +77,108 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A head node of its own, outliving the command that started it (`odyssey serve`, tests)
+
+
+@dataclass
+class LocalHead:
+    """A `ray start --head --block` process on loopback and where to reach it."""
+
+    pid: int
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return False
+        return True
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self)) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> LocalHead | None:
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def ensure_token() -> None:
+    """Token auth needs a token every client of the cluster can find: RAY_AUTH_TOKEN, the file at
+    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token. With none, write the last one (owner-only), as
+    `ray get-auth-token --generate` would."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN") or _token_file():
+        return
+    path = Path(os.path.expanduser("~/.ray/auth_token"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    print(f"wrote a new Ray auth token to {path}", file=sys.stderr)
+
+
+def start_head(num_cpus: int | None = None, num_gpus: int | None = None, wait_s: float = 120) -> LocalHead:
+    """Start a head node on loopback with token auth, the dashboard, and ports of its own (so that it
+    can run beside any other cluster on the machine). It runs in a session of its own: it outlives
+    this process until stop_head."""
+    ensure_token()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(7))
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    command = [
+        str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        command.append(f"--num-gpus={num_gpus}")
+    with open(Path(temp_dir) / "head.log", "wb") as log:
+        proc = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    head = LocalHead(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir)
+    deadline = time.monotonic() + wait_s
+    while not _answers(f"{head.dashboard_url}/api/version"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_head(head)
+            raise OdysseyError(f"the Ray head node did not start; its log: {temp_dir}/head.log")
+        time.sleep(0.5)
+    return head
+
+
+def stop_head(head: LocalHead, timeout: float = 60) -> None:
+    """SIGTERM to `ray start --block` stops every process it started."""
+    if head.alive():
+        os.kill(head.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while head.alive() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(head.pid, os.WNOHANG)  # reap it when it is our child
+            time.sleep(0.2)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    """Whether an HTTP server answers at url (any status, 401 included)."""
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True

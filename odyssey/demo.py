@@ -164,9 +164,8 @@ def show_samples(model: Transformer, tok: Tokenizer, corpus_dir: Path, cfg: Demo
             "generated": tok.decode(out)[:160],
         }
         if task == "moderate":  # label scoring: the label the model finds likeliest
-            scores = model.score(
-                prompt, [[*tok.encode(label), tok.eos_id] for label in MODERATION_LABELS], tok.pad_id
-            )
+            labels = [[*tok.encode(label), tok.eos_id] for label in MODERATION_LABELS]
+            scores = model.score([prompt] * len(labels), labels, tok.pad_id)
             sample["label_scores"] = {
                 label: round(float(s), 2) for label, s in zip(MODERATION_LABELS, scores)
             }

@@ -450,12 +450,17 @@ class Transformer(nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
     @torch.no_grad()
-    def score(self, prompt: list[int], continuations: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-        """Log-probability (summed over tokens) of each continuation after the prompt: (N,).
-        Label scoring: the label whose tokens the model finds likeliest wins."""
+    def score(
+        self, prompts: list[list[int]], continuations: list[list[int]], pad_id: int = 0
+    ) -> torch.Tensor:
+        """Log-probability (summed over tokens) of continuations[i] after prompts[i]: (N,).
+        Label scoring: the label whose tokens the model finds likeliest wins. Pairs from different
+        requests share one forward pass."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("every continuation needs at least one token")
-        rows = [prompt + c for c in continuations]
+        rows = [p + c for p, c in zip(prompts, continuations)]
         ids, valid = self._left_pad(rows, pad_id)
         T = ids.shape[1]
         if self.cfg.max_seq_len < T:
@@ -464,10 +469,10 @@ class Transformer(nn.Module):
         h = self._hidden(ids, *self._rope_at(positions), self._padded_mask(valid, 0, T))
         logprobs = F.log_softmax(self._logits(h[:, :-1]).float(), dim=-1)  # predicts tokens 1..T-1
         token_lp = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
-        scores = []
-        for i, c in enumerate(continuations):
-            scores.append(token_lp[i, T - 1 - len(c) :].sum())  # the last len(c) predictions
-        return torch.stack(scores)
+        # Rows are left-padded, so each continuation's tokens are the last len(c) predictions.
+        n_cont = torch.tensor([len(c) for c in continuations], device=ids.device)[:, None]  # (N, 1)
+        in_cont = torch.arange(T - 1, device=ids.device)[None, :] >= T - 1 - n_cont  # (N, T-1)
+        return (token_lp * in_cont).sum(-1)
 
 
 def sample(

@@ -60,3 +60,23 @@ def ray_cluster():
         yield ctx
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def exported_models(tmp_path_factory, tokenizer):
+    """Two freshly initialised tiny models (different seeds) in the serving format, with the session's
+    tokenizer: what `odyssey export` writes, without a training run."""
+    from dataclasses import replace
+
+    import torch
+
+    from odyssey import artifact
+    from odyssey.model import Transformer, pad_vocab, tiny
+
+    out = tmp_path_factory.mktemp("models")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Transformer(replace(tiny(), vocab_size=pad_vocab(tokenizer.vocab_size), max_seq_len=256))
+        paths.append(artifact.save_model(out / f"tiny-{seed}", model, tokenizer))
+    return paths

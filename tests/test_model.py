@@ -97,13 +97,17 @@ def test_embed_and_score():
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(model.embed([a])[0], emb[0], atol=1e-5, rtol=1e-5)  # padding-invariant
     prompt, conts = a, [[5], [6, 7]]
-    scores = model.score(prompt, conts)
+    scores = model.score([prompt, prompt], conts)
     full = torch.log_softmax(model(torch.tensor([[*prompt, 6, 7]]))[0], -1)
     expected = full[len(prompt) - 1, 6] + full[len(prompt), 7]
     torch.testing.assert_close(scores[1], expected, atol=1e-4, rtol=1e-4)
     assert scores[0] == pytest.approx(
         torch.log_softmax(model(torch.tensor([prompt]))[0, -1], -1)[5].item(), abs=1e-4
     )
+    # Pairs with different prompts in one call score as they do one by one.
+    mixed = model.score([b, prompt], [[5], [6, 7]])
+    torch.testing.assert_close(mixed[1], scores[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[0], model.score([b], [[5]])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_state_dict_keys_are_pinned():

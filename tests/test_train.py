@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -205,37 +203,18 @@ def test_killed_run_resumes_on_the_uninterrupted_curve(zero_runs, corpus_dir, tm
 
 @pytest.fixture
 def head_node():
-    """`ray start --head --block` on loopback with token auth; SIGTERM at teardown stops all it started."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    """`ray start --head` on loopback with token auth, stopped (with all it started) at teardown."""
+    head = cluster.start_head(num_cpus=4)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+    }
     env.pop("RAY_ADDRESS", None)
-    port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (cluster.free_port() for _ in range(7))
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    proc = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         # Ports of their own: the session's cluster already holds Ray's defaults on this machine.
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-         f"--ray-client-server-port={client}",
-         "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{url}/api/version", timeout=2)  # any answer (401 included) means it is up
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the head node did not start"
-                time.sleep(1)
-        yield url, env
+        yield head.dashboard_url, env
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop_head(head)
 
 
 @pytest.mark.slow

@@ -1,0 +1,1 @@
+"""Serving: the multitask model as composable Ray Serve deployments behind HTTP (see app.py)."""

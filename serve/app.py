@@ -1,0 +1,116 @@
+"""The application graph, built by a typed builder:
+
+                     ┌─> Summarizer ─┐
+    HTTP -> Gateway ─┼─> Moderator  ─┼─> LanguageModel  (one model; batches every task's requests)
+                     ├─> Finder     ─┤
+                     ├─> Coder      ─┘
+                     └───────────────────> (completions, models, health)
+
+    serve run serve.app:build_app model_path=runs/demo/model      # a laptop, for a quick look
+    serve deploy serve/config.yaml                                 # a cluster (or `odyssey serve`)
+
+`AppArgs` is what `args:` in serve/config.yaml (or key=value on `serve run`) may hold; Serve validates
+it before anything starts, so a misspelt field fails the deploy with its name.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+from serve.finder import Finder
+from serve.gateway import Gateway, GatewaySettings
+from serve.language_model import LanguageModel, LanguageModelSettings
+from serve.tasks import Coder, Moderator, Summarizer
+
+
+class ModelArgs(BaseModel):
+    """The LanguageModel deployment: its replicas, their resources and their queues."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0)  # per replica, what autoscaling aims at
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; must exceed max_batch_size to fill batches
+    max_queued_requests: int = Field(256, ge=1)  # per caller, beyond which requests get 503 + Retry-After
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} < min_replicas={self.min_replicas}")
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError("device cuda needs num_gpus > 0 (a fraction shares one GPU between replicas)")
+        return self
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_path: str  # an exported model: model.safetensors + config.json + tokenizer.json
+    model_name: str | None = None  # the name /v1/models shows; default: the model directory's name
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = Field(16, ge=1, le=512)
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)
+    model: ModelArgs = Field(default_factory=ModelArgs)
+    documents: str | None = None  # Parquet (doc_id, text, title?) for /v1/find; default: local legal texts
+    max_documents: int | None = Field(100, ge=1)
+    summary_max_tokens: int = Field(64, ge=1)
+    code_max_tokens: int = Field(128, ge=1)
+    code_attempts: int = Field(3, ge=1, le=8)
+    moderation_threshold: float = Field(0.5, gt=0, lt=1)  # flagged when P(safe) falls below it
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.model.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"model.max_ongoing_requests={self.model.max_ongoing_requests} < max_batch_size="
+                f"{self.max_batch_size}: a replica could never fill a batch; raise it or lower the batch"
+            )
+        return self
+
+    def model_settings(self) -> dict:
+        return LanguageModelSettings(
+            model_path=self.model_path,
+            dtype=self.dtype,
+            max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.batch_wait_timeout_s,
+        ).model_dump()
+
+
+def build_app(args: AppArgs) -> Application:
+    # Serve validates `args` into AppArgs from this signature's annotation (so no postponed annotations
+    # in this module); a plain dict from a direct call is validated here the same way.
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    m = args.model
+    lm = LanguageModel.options(
+        user_config=args.model_settings(),  # a new model path rolls out in place (see language_model.py)
+        ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        autoscaling_config=AutoscalingConfig(
+            min_replicas=m.min_replicas,
+            initial_replicas=max(1, m.min_replicas),
+            max_replicas=m.max_replicas,
+            target_ongoing_requests=m.target_ongoing_requests,
+        ),
+        max_ongoing_requests=m.max_ongoing_requests,
+        max_queued_requests=m.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.gateway.retry_after_s),
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=30,
+    ).bind(device=m.device, model_name=args.model_name, threads=max(1, int(m.num_cpus)))
+    light = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256}
+    summarizer = Summarizer.options(**light).bind(lm, args.summary_max_tokens)
+    moderator = Moderator.options(**light).bind(lm, args.moderation_threshold)
+    finder = Finder.options(**light).bind(lm, args.documents, args.max_documents)
+    coder = Coder.options(**light).bind(lm, args.code_max_tokens, args.code_attempts)
+    return Gateway.options(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=512,
+        max_queued_requests=1024,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.gateway.retry_after_s),
+    ).bind(lm, summarizer, moderator, finder, coder, args.gateway.model_dump())

@@ -1,0 +1,366 @@
+"""`Gateway`: the HTTP front door (FastAPI, the app's ingress).
+
+    POST /v1/summarize  /v1/moderate  /v1/find  /v1/code     one task each
+    POST /v1/completions                                     OpenAI's shape; "stream": true -> server-sent events
+    GET  /v1/models  /healthz  /docs
+
+Its job is the HTTP contract, not the model: validate (422 naming the field), refuse oversized input
+(413), check the API key when auth is on (401), bound every call downstream by a timeout (504), and
+turn back-pressure from the model's bounded queue into 503 + Retry-After instead of an unbounded
+wait. Every error body is `{"error": {"type", "message", "param"?, "request_id"}}`; every response
+carries `x-request-id` (Serve's proxy sets it, or echoes the client's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from serve import schemas
+from serve.errors import (
+    InputTooLong,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    ServeError,
+    TimedOut,
+    Unauthorized,
+    root_cause,
+)
+from serve.generation import GenerationParams
+
+log = logging.getLogger("ray.serve")
+
+
+class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_input_chars: int = Field(20_000, ge=1)  # longer text -> 413
+    max_body_bytes: int = Field(1_000_000, ge=1)  # larger request body -> 413, before it is parsed
+    max_tokens: int = Field(256, ge=1)  # the cap on any request's max_tokens
+    request_timeout_s: float = Field(60.0, gt=0)  # per call downstream (per chunk when streaming) -> 504
+    retry_after_s: int = Field(1, ge=0)  # Retry-After of a 503
+    auth: bool = False  # require `Authorization: Bearer <key>` on /v1/*
+    api_keys_env: str = "ODYSSEY_API_KEYS"  # comma-separated keys, read by each replica at start
+    api_keys_file: str | None = None  # one key per line
+
+
+def load_key_digests(settings: GatewaySettings) -> set[bytes]:
+    keys = [k for k in os.environ.get(settings.api_keys_env, "").split(",")]
+    if settings.api_keys_file:
+        path = Path(settings.api_keys_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"api_keys_file {path} does not exist")
+        keys += path.read_text(encoding="utf-8").splitlines()
+    digests = {hashlib.sha256(k.strip().encode()).digest() for k in keys if k.strip()}
+    if settings.auth and not digests:
+        raise ValueError(
+            f"auth is on but there are no API keys: set {settings.api_keys_env} (comma-separated) "
+            "in the replica's environment or api_keys_file"
+        )
+    return digests
+
+
+def request_id() -> str:
+    return serve.context._get_serve_request_context().request_id
+
+
+def error_response(exc: ServeError, retry_after_s: int, param: str | None = None) -> JSONResponse:
+    body = {"type": exc.type, "message": exc.message, "request_id": request_id()}
+    if param:
+        body["param"] = param
+    headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, Overloaded) else None
+    return JSONResponse({"error": body}, status_code=exc.status, headers=headers)
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress()
+class Gateway:
+    def __init__(
+        self,
+        lm: DeploymentHandle,
+        summarizer: DeploymentHandle,
+        moderator: DeploymentHandle,
+        finder: DeploymentHandle,
+        coder: DeploymentHandle,
+        settings: dict | None = None,
+    ):
+        self.lm, self.summarizer, self.moderator, self.finder, self.coder = (
+            lm,
+            summarizer,
+            moderator,
+            finder,
+            coder,
+        )
+        self.settings = GatewaySettings(**(settings or {}))
+        self.key_digests = load_key_digests(self.settings)
+        self.model_id: str | None = None  # learnt from the model's answers; /v1/models asks afresh
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
+
+    # --- calls downstream --------------------------------------------------------------------------
+
+    async def call(self, response):
+        """Await a handle call within the timeout; map what comes back to HTTP errors."""
+        try:
+            return await asyncio.wait_for(response, self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TimedOut(f"no answer within {self.settings.request_timeout_s} s; retry later") from None
+        except Exception as e:
+            raise translate(e) from None
+
+    def check_text(self, field: str, text: str) -> None:
+        if len(text) > self.settings.max_input_chars:
+            raise InputTooLong(
+                f"{field} is {len(text)} characters; the limit is {self.settings.max_input_chars}"
+            )
+
+    def cap(self, max_tokens: int | None) -> int | None:
+        return None if max_tokens is None else min(max_tokens, self.settings.max_tokens)
+
+    def authorize(self, request: Request) -> None:
+        if not self.settings.auth:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(digest, d) for d in self.key_digests)
+        if not ok:
+            raise Unauthorized("missing or invalid API key: send `Authorization: Bearer <key>`")
+
+    def model_name(self) -> str:
+        return (self.model_id or "odyssey").split("@")[0]
+
+
+def translate(exc: BaseException) -> BaseException:
+    """A downstream failure as the ServeError it means, or as it is (a 500)."""
+    root = root_cause(exc)
+    if isinstance(root, ServeError):
+        return root
+    if isinstance(root, BackPressureError) or isinstance(exc, BackPressureError):
+        return Overloaded("the model is at capacity: its request queue is full; retry after the given delay")
+    if isinstance(root, DeploymentUnavailableError):
+        return Overloaded("the model is not available right now (starting or redeploying); retry shortly")
+    return exc
+
+
+class BodyLimit:
+    """Refuse a body larger than max_bytes (by its Content-Length) before anything reads it. A plain ASGI
+    middleware: FastAPI's @app.middleware("http") costs a task and a stream per request."""
+
+    def __init__(self, app, max_bytes: int, retry_after_s: int):
+        self.app, self.max_bytes, self.retry_after_s = app, max_bytes, retry_after_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                too_long = InputTooLong(
+                    f"the request body is {int(length)} bytes; the limit is {self.max_bytes}"
+                )
+                return await error_response(too_long, self.retry_after_s)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_api(gw: Gateway) -> FastAPI:
+    app = FastAPI(
+        title="Odyssey",
+        description="One multitask language model: summarize, moderate, find passages, write code.",
+        version="1",
+    )
+    s = gw.settings
+
+    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, retry_after_s=s.retry_after_s)
+
+    @app.exception_handler(ServeError)
+    async def on_serve_error(request: Request, exc: ServeError):
+        return error_response(exc, s.retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        problems, param = [], None
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            param = param or ".".join(loc) or None
+            problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        return JSONResponse(
+            {
+                "error": {
+                    "type": "invalid_request",
+                    "message": "; ".join(problems),
+                    "param": param,
+                    "request_id": request_id(),
+                }
+            },
+            status_code=422,
+        )
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):
+        log.exception("request %s failed", request_id())
+        return JSONResponse(
+            {
+                "error": {
+                    "type": "internal_error",
+                    "message": f"internal error; the replica logs have it under request id {request_id()}",
+                    "request_id": request_id(),
+                }
+            },
+            status_code=500,
+        )
+
+    def authorized(request: Request) -> None:
+        gw.authorize(request)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    errors = {code: {"model": schemas.ErrorResponse} for code in (401, 404, 413, 422, 503, 504)}
+
+    @v1.post("/summarize", response_model=schemas.SummarizeResponse, responses=errors)
+    async def summarize(body: schemas.SummarizeRequest):
+        gw.check_text("text", body.text)
+        return await gw.call(gw.summarizer.remote(body.text, gw.cap(body.max_tokens)))
+
+    @v1.post("/moderate", response_model=schemas.ModerateResponse, responses=errors)
+    async def moderate(body: schemas.ModerateRequest):
+        gw.check_text("text", body.text)
+        return await gw.call(gw.moderator.remote(body.text))
+
+    @v1.post("/find", response_model=schemas.FindResponse, responses=errors)
+    async def find(body: schemas.FindRequest):
+        gw.check_text("query", body.query)
+        return await gw.call(gw.finder.remote(body.query, body.k))
+
+    @v1.post("/code", response_model=schemas.CodeResponse, responses=errors)
+    async def code(body: schemas.CodeRequest):
+        gw.check_text("prompt", body.prompt)
+        return await gw.call(gw.coder.remote(body.prompt, gw.cap(body.max_tokens)))
+
+    @v1.post("/completions", response_model=schemas.CompletionResponse, responses=errors)
+    async def completions(body: schemas.CompletionRequest):
+        if body.model is not None and body.model not in (gw.model_name(), gw.model_id):
+            models = await gw.call(gw.lm.info.remote())
+            gw.model_id = models["id"]
+            if body.model not in (models["name"], models["id"]):
+                raise NotFound(
+                    f"model {body.model!r} is not served here; GET /v1/models lists {models['name']!r}"
+                )
+        for i, prompt in enumerate(body.prompts):
+            gw.check_text(f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt", prompt)
+        try:
+            params = GenerationParams(
+                max_tokens=gw.cap(body.max_tokens),
+                temperature=body.temperature,
+                top_p=body.top_p if body.top_p < 1.0 else None,
+                stop=body.stops,
+                seed=body.seed,
+            )
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        completion_id, created = f"cmpl-{request_id()}", int(time.time())
+        if body.stream:
+            if len(body.prompts) > 1:
+                raise InvalidRequest("stream one prompt at a time")
+            return await stream_completion(gw, body.prompts[0], params, completion_id, created)
+        outs = await asyncio.gather(*(gw.call(gw.lm.generate.remote("lm", p, params)) for p in body.prompts))
+        gw.model_id = outs[0]["model"]
+        p_tokens, c_tokens = sum(o["prompt_tokens"] for o in outs), sum(o["completion_tokens"] for o in outs)
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": gw.model_name(),
+            "choices": [
+                {"text": o["text"], "index": i, "logprobs": None, "finish_reason": o["finish_reason"]}
+                for i, o in enumerate(outs)
+            ],
+            "usage": {
+                "prompt_tokens": p_tokens,
+                "completion_tokens": c_tokens,
+                "total_tokens": p_tokens + c_tokens,
+            },
+        }
+
+    @v1.get("/models", response_model=schemas.ModelList, responses=errors)
+    async def models():
+        info = await gw.call(gw.lm.info.remote())
+        gw.model_id = info["id"]
+        return {"object": "list", "data": [{"id": info["name"], "created": 0, "root": info["id"]}]}
+
+    app.include_router(v1)
+
+    @app.get("/healthz")
+    async def healthz():
+        info = await gw.call(gw.lm.info.remote())
+        return {"status": "ok", "model": info["id"]}
+
+    return app
+
+
+async def stream_completion(
+    gw: Gateway, prompt: str, params: GenerationParams, completion_id: str, created: int
+):
+    """Server-sent events in OpenAI's format: one `text_completion` chunk per step, then [DONE].
+    The first chunk is awaited before answering, so that a refusal (413, 503) is still a status code."""
+    chunks = gw.lm.options(stream=True).generate_stream.remote("lm", prompt, params)
+    timeout = gw.settings.request_timeout_s
+
+    async def next_chunk():
+        try:
+            return await asyncio.wait_for(chunks.__anext__(), timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            chunks.cancel()
+            raise TimedOut(f"no token within {timeout} s") from None
+        except Exception as e:
+            raise translate(e) from None
+
+    first = await next_chunk()
+
+    def event(chunk) -> str:
+        return sse(
+            {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": gw.model_name(),
+                "choices": [
+                    {"text": chunk.text, "index": 0, "logprobs": None, "finish_reason": chunk.finish_reason}
+                ],
+            }
+        )
+
+    async def events():
+        chunk = first
+        try:
+            while chunk is not None:
+                yield event(chunk)
+                if chunk.finish_reason is not None:
+                    break
+                chunk = await next_chunk()
+            yield sse("[DONE]")
+        except ServeError as e:  # mid-stream the status is sent already: report in the stream
+            yield sse({"error": {"type": e.type, "message": e.message}})
+        finally:
+            chunks.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

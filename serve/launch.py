@@ -1,0 +1,186 @@
+"""`odyssey serve`: deploy the app of serve/config.yaml with a model path filled in, and return once
+every endpoint answers.
+
+    odyssey serve --model runs/demo/model [--port 8000] [--set gateway.auth=true ...]
+    odyssey serve stop
+
+Where it deploys: the cluster whose dashboard --address (or RAY_DASHBOARD_ADDRESS) names; else the
+local cluster an earlier `odyssey serve` started; else it starts one (loopback, token auth) that
+outlives the command, until `odyssey serve stop`. It deploys the way `serve deploy` does (the
+dashboard's REST API, the whole config), so a later `serve deploy` of the same file with another
+model path is an in-place model swap.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from odyssey import artifact, cluster
+from odyssey.config import apply_overrides
+from odyssey.errors import OdysseyError
+
+CONFIG = Path(__file__).with_name("config.yaml")
+APP = "odyssey"
+
+
+def state_file() -> Path:
+    """Where `odyssey serve` remembers the local cluster it started."""
+    return Path(os.environ.get("ODYSSEY_HOME", Path.home() / ".odyssey")) / "serve-cluster.json"
+
+
+def serve_config(config_path: Path, model: Path, port: int | None, overrides: list[str]) -> dict:
+    """The whole Serve config: the file, with the model path (absolute: replicas run elsewhere) and
+    --set overrides of the app's args; validated by Serve's schema and by AppArgs."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs
+
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise OdysseyError(f"cannot read {config_path}: {e}") from None
+    config = copy.deepcopy(config)
+    app = next((a for a in config.get("applications", []) if a.get("name") == APP), None)
+    if app is None:
+        raise OdysseyError(f"{config_path} has no application named {APP!r}")
+    artifact.read_config(model)  # a clear error when it is not an exported model
+    args = apply_overrides(app.get("args") or {}, overrides)
+    args["model_path"] = str(model.resolve())
+    try:
+        AppArgs(**args)
+        app["args"] = args
+        if port is not None:
+            config.setdefault("http_options", {})["port"] = port
+        return ServeDeploySchema.model_validate(config).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise OdysseyError(f"serve config: {field}: {first['msg']}") from None
+
+
+def find_or_start_cluster(address: str | None) -> tuple[str, bool]:
+    """(dashboard URL, whether this call started the cluster)."""
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS")
+    if address:
+        return address, False
+    head = cluster.LocalHead.load(state_file())
+    if head is not None and head.alive():
+        return head.dashboard_url, False
+    print("starting a local Ray cluster (loopback, token auth)...", file=sys.stderr)
+    head = cluster.start_head()
+    head.save(state_file())
+    return head.dashboard_url, True
+
+
+def wait_running(client, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = client.get_serve_details()
+        app = (details.get("applications") or {}).get(APP)
+        status = app and app.get("status")
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
+            message = (app or {}).get("message") or "it did not become ready in time"
+            for name, d in ((app or {}).get("deployments") or {}).items():
+                if d.get("message"):
+                    message += f"\n  {name}: {d['message']}"
+            raise OdysseyError(f"the app did not deploy: {message}")
+        time.sleep(1)
+
+
+def probe(base: str, headers: dict) -> dict[str, int]:
+    """Call every endpoint once; their status codes."""
+    calls = [
+        ("GET", "/healthz", None),
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/summarize", {"text": "ready?", "max_tokens": 1}),
+        ("POST", "/v1/moderate", {"text": "ready?"}),
+        ("POST", "/v1/find", {"query": "ready?", "k": 1}),
+        ("POST", "/v1/code", {"prompt": "ready?", "max_tokens": 1}),
+        ("POST", "/v1/completions", {"prompt": "ready?", "max_tokens": 1}),
+    ]
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        return {path: http.request(method, path, json=body).status_code for method, path, body in calls}
+
+
+def deploy(
+    model: Path,
+    port: int | None = None,
+    overrides: list[str] | None = None,
+    config_path: Path = CONFIG,
+    address: str | None = None,
+    timeout_s: float = 600,
+) -> dict:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is first imported, just below
+    config = serve_config(config_path, model, port, overrides or [])
+    dashboard, started = find_or_start_cluster(address)
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    client = ServeSubmissionClient(dashboard)
+    running = (client.get_serve_details().get("http_options") or {}).get("port")
+    wanted = config.get("http_options", {}).get("port", 8000)
+    if running and running != wanted and client.get_serve_details().get("applications"):
+        raise OdysseyError(
+            f"Serve already listens on port {running} on this cluster; use --port {running} or `odyssey serve stop`"
+        )
+    client.deploy_applications(config)
+    wait_running(client, timeout_s)
+    host = config.get("http_options", {}).get("host", "127.0.0.1")
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{wanted}"
+    keys = os.environ.get(config["applications"][0]["args"].get("gateway", {}).get("api_keys_env", ""), "")
+    headers = {"Authorization": f"Bearer {keys.split(',')[0].strip()}"} if keys.strip() else {}
+    deadline = time.monotonic() + 120
+    while True:  # the proxy may need a moment after the app turns RUNNING
+        try:
+            statuses = probe(base, headers)
+            if all(code == 200 for code in statuses.values()) or time.monotonic() > deadline:
+                break
+        except httpx.TransportError:
+            statuses = {}
+            if time.monotonic() > deadline:
+                break
+        time.sleep(1)
+    not_ready = {p: c for p, c in statuses.items() if c != 200}
+    if not statuses or not_ready:
+        raise OdysseyError(f"deployed, but endpoints do not answer 200: {not_ready or 'no answer'} at {base}")
+    return {
+        "url": base,
+        "endpoints": sorted(statuses),
+        "docs": f"{base}/docs",
+        "dashboard": dashboard,
+        "cluster": "started" if started else "joined",
+        "model": config["applications"][0]["args"]["model_path"],
+        "stop": "odyssey serve stop",
+    }
+
+
+def stop(address: str | None = None) -> dict:
+    """Delete the app; stop the local cluster if `odyssey serve` started it."""
+    head = cluster.LocalHead.load(state_file())
+    dashboard = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or (head.dashboard_url if head else None)
+    if dashboard is None:
+        raise OdysseyError("no cluster to stop: none was started by `odyssey serve`; pass --address")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    stopped_cluster = False
+    if head is not None and head.dashboard_url == dashboard:
+        if head.alive():
+            ServeSubmissionClient(dashboard).delete_applications()
+        cluster.stop_head(head)
+        state_file().unlink(missing_ok=True)
+        stopped_cluster = True
+    else:
+        ServeSubmissionClient(dashboard).delete_applications()
+    return {"stopped": APP, "dashboard": dashboard, "cluster_stopped": stopped_cluster}

@@ -1,0 +1,133 @@
+"""The passage index behind /v1/find: documents cut into passages, searched two ways and fused.
+
+- BM25 (bm25s) catches exact words: clause numbers, license names, package names.
+- Dense: the model's embedding of each passage, searched exactly (one matrix product; a few hundred
+  thousand passages fit before an approximate index would pay off). It catches paraphrases.
+- Reciprocal rank fusion (Cormack et al. 2009) merges the two rankings without calibrating their
+  scores against each other: score = sum over rankings of 1 / (60 + rank).
+
+Dense vectors belong to one model: the index records which (`model_id`) and answers with BM25 alone
+when a query comes embedded by another model (after a redeploy, until the index is re-embedded).
+No Ray here: serve/finder.py wraps it in a deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from odyssey.data import legal
+from odyssey.data.schema import Document
+from odyssey.errors import OdysseyError
+
+RRF_K = 60  # the constant of reciprocal rank fusion; 60 is the published default, robust across corpora
+
+
+@dataclass(frozen=True)
+class Passage:
+    doc_id: str
+    title: str
+    start: int  # character offsets into the document's text: text[start:end] is the passage
+    end: int
+    text: str
+
+
+def load_documents(source: str | Path | None = None, max_documents: int | None = None) -> list[Document]:
+    """Documents to index: a Parquet file or directory of them (columns doc_id, text, optional title;
+    a corpus's documents/ directory fits), or by default this machine's legal documents (license texts,
+    then packages' copyright files)."""
+    if source is None:
+        listed = legal.documents()[:max_documents]
+        docs = [Document(i, t, p.read_text(encoding="utf-8", errors="replace")) for i, t, p in listed]
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise OdysseyError(f"documents: {path} does not exist; give a Parquet file or directory")
+        table = pq.read_table(path)
+        missing = {"doc_id", "text"} - set(table.column_names)
+        if missing:
+            raise OdysseyError(f"documents: {path} lacks column(s) {sorted(missing)}; needs doc_id and text")
+        rows = table.slice(0, max_documents if max_documents is not None else table.num_rows).to_pylist()
+        docs = [Document(str(r["doc_id"]), str(r.get("title") or r["doc_id"]), str(r["text"])) for r in rows]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise OdysseyError(
+            f"documents: nothing to index in {source or 'the legal documents of this machine'}"
+        )
+    return docs
+
+
+def split_documents(documents: list[Document]) -> list[Passage]:
+    """Paragraph-sized passages (the corpus's own splitter), each with its offsets in its document."""
+    passages = []
+    for doc in documents:
+        cursor = 0
+        for text in legal.split_passages(doc.text):
+            start = doc.text.find(text, cursor)  # every passage is a substring, in order
+            passages.append(Passage(doc.doc_id, doc.title, start, start + len(text), text))
+            cursor = start + 1
+    return passages
+
+
+@dataclass
+class Hit:
+    passage: Passage
+    score: float  # fused: higher is better
+    bm25: float
+    dense: float | None  # cosine similarity; None when the dense side did not take part
+
+
+class PassageIndex:
+    def __init__(self, passages: list[Passage]):
+        if not passages:
+            raise OdysseyError("the passage index needs at least one passage")
+        self.passages = passages
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(bm25s.tokenize([p.text for p in passages], show_progress=False), show_progress=False)
+        self.vectors: torch.Tensor | None = None  # (P, D) unit vectors
+        self.model_id: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    def set_vectors(self, vectors: torch.Tensor, model_id: str) -> None:
+        if vectors.shape[0] != len(self.passages):
+            raise ValueError(f"{vectors.shape[0]} vectors for {len(self.passages)} passages")
+        self.vectors, self.model_id = vectors.float(), model_id
+
+    def bm25_scores(self, query: str) -> np.ndarray:
+        words = bm25s.tokenize(query, return_ids=False, show_progress=False)[0]
+        return np.asarray(self.bm25.get_scores(words), dtype=np.float32)  # (P,)
+
+    def search(
+        self, query: str, k: int, query_vector: torch.Tensor | None = None, model_id: str | None = None
+    ) -> list[Hit]:
+        """The k best passages. query_vector (D,) joins in when it comes from the index's model."""
+        k = min(k, len(self.passages))
+        depth = min(len(self.passages), max(50, 4 * k))  # how deep each ranking goes into the fusion
+        bm25 = self.bm25_scores(query)
+        fused = np.zeros(len(self.passages), dtype=np.float64)
+        ranked = np.argsort(-bm25, kind="stable")[:depth]
+        ranked = ranked[bm25[ranked] > 0]  # a passage without one query word is no BM25 match
+        fused[ranked] += 1.0 / (RRF_K + 1 + np.arange(len(ranked)))
+        dense = None
+        if query_vector is not None and self.vectors is not None and model_id == self.model_id:
+            dense = (self.vectors @ query_vector.float()).numpy()  # (P,) cosine: both sides unit length
+            top = np.argsort(-dense, kind="stable")[:depth]
+            fused[top] += 1.0 / (RRF_K + 1 + np.arange(len(top)))
+        best = np.argsort(-fused, kind="stable")[:k]
+        return [
+            Hit(
+                self.passages[i],
+                float(fused[i]),
+                float(bm25[i]),
+                None if dense is None else float(dense[i]),
+            )
+            for i in best
+            if fused[i] > 0
+        ]

@@ -1,0 +1,303 @@
+"""Serving for real: the app graph on the session's local Ray cluster, called through Serve's HTTP
+proxy with httpx. Two apps side by side: `main` (defaults) and `strict` (API keys, a tiny queue, a
+short timeout and a long batch wait) for the 401 / 503 / 504 paths."""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from odyssey import cluster
+from serve.app import AppArgs, build_app
+
+KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, exported_models, corpus_dir, tmp_path_factory):
+    from ray import serve
+
+    port = cluster.free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text(f"{KEY}\n")
+    documents = str(corpus_dir / "documents")
+    main = AppArgs(model_path=str(exported_models[0]), documents=documents, max_batch_size=8)
+    strict = AppArgs(
+        model_path=str(exported_models[0]),
+        documents=documents,
+        max_batch_size=2,
+        batch_wait_timeout_s=0.5,  # a lone request waits 0.5 s for a partner: longer than the timeout
+        model={"max_ongoing_requests": 2, "max_queued_requests": 2, "num_cpus": 0.5},
+        gateway={"auth": True, "api_keys_file": str(keys), "request_timeout_s": 0.25, "retry_after_s": 2},
+    )
+    try:
+        serve.run(build_app(main), name="main", route_prefix="/")
+        serve.run(build_app(strict), name="strict", route_prefix="/strict")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            yield http
+    finally:
+        serve.shutdown()
+
+
+def lm_info(app: str = "main") -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("LanguageModel", app_name=app).info.remote().result()
+
+
+def lm_stats(app: str = "main") -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("LanguageModel", app_name=app).stats.remote().result()
+
+
+def post(http: httpx.Client, path: str, body: dict, **kw) -> httpx.Response:
+    return http.post(path, json=body, **kw)
+
+
+# --- every endpoint, well-formed ---------------------------------------------------------------------
+
+
+def test_summarize(served):
+    r = post(
+        served, "/v1/summarize", {"text": "A utility that lists the files of a directory.", "max_tokens": 12}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["summary"], str) and body["finish_reason"] in ("stop", "length")
+    assert 1 <= body["usage"]["completion_tokens"] <= 12
+    assert (
+        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+    assert body["model"] == lm_info()["id"]
+
+
+def test_moderate(served):
+    r = post(served, "/v1/moderate", {"text": "Call me at 555 0100, you idiot."})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scores = {item["label"]: item["score"] for item in body["labels"]}
+    assert set(scores) == {"safe", "profanity", "personal_data", "spam"}
+    assert all(0.0 <= p <= 1.0 for p in scores.values())
+    assert [i["score"] for i in body["labels"]] == sorted(scores.values(), reverse=True)
+    assert body["flagged"] == (scores["safe"] < 0.5) and body["verdict"] == (
+        "unsafe" if body["flagged"] else "safe"
+    )
+
+
+def test_find_returns_passages_with_true_offsets(served, corpus_dir):
+    r = post(served, "/v1/find", {"query": "GNU General Public License version 3", "k": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "hybrid" and len(body["passages"]) == 4
+    docs = {row["doc_id"]: row["text"] for row in pq.read_table(corpus_dir / "documents").to_pylist()}
+    for hit in body["passages"]:
+        assert docs[hit["doc_id"]][hit["start"] : hit["end"]] == hit["text"]
+        assert hit["dense"] is not None and -1.0 <= hit["dense"] <= 1.0
+    assert [h["score"] for h in body["passages"]] == sorted(
+        (h["score"] for h in body["passages"]), reverse=True
+    )
+    # BM25 is in the fusion: the best hit contains a query word.
+    assert any(w in body["passages"][0]["text"].lower() for w in ("gnu", "general", "public", "license"))
+
+
+def test_code_says_whether_it_parses(served):
+    r = post(served, "/v1/code", {"prompt": "return the sum of a list of numbers", "max_tokens": 24})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["language"] == "python" and body["attempts"] == 3
+    if body["parses"]:
+        ast.parse(body["code"])
+        assert body["error"] is None
+    else:
+        assert body["error"]
+        with pytest.raises((SyntaxError, ValueError)):
+            if not body["code"].strip():
+                raise ValueError("empty")
+            ast.parse(body["code"])
+
+
+def test_completions_openai_shape(served):
+    r = post(
+        served,
+        "/v1/completions",
+        {"model": "tiny-0", "prompt": ["The license", "Copyright"], "max_tokens": 5},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (
+        body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "tiny-0"
+    )
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    assert body["usage"]["completion_tokens"] <= 10
+
+
+def test_models_health_and_docs(served):
+    models = served.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny-0"
+    assert models["data"][0]["root"] == lm_info()["id"]
+    assert served.get("/healthz").json()["status"] == "ok"
+    spec = served.get("/openapi.json").json()
+    assert {"/v1/summarize", "/v1/moderate", "/v1/find", "/v1/code", "/v1/completions", "/v1/models"} <= set(
+        spec["paths"]
+    )
+    assert served.get("/docs").status_code == 200
+
+
+# --- batching, streaming, stop strings ---------------------------------------------------------------
+
+
+def test_concurrent_requests_share_batches(served):
+    before = lm_stats()
+    with cf.ThreadPoolExecutor(12) as pool:
+        gen = [
+            pool.submit(post, served, "/v1/completions", {"prompt": f"Text {i}", "max_tokens": 24})
+            for i in range(12)
+        ]
+        mod = [pool.submit(post, served, "/v1/moderate", {"text": f"message number {i}"}) for i in range(12)]
+        assert all(f.result().status_code == 200 for f in gen + mod)
+    after = lm_stats()
+
+    def new_batches(kind):
+        return {
+            int(k): v - before[kind].get(k, 0) for k, v in after[kind].items() if v > before[kind].get(k, 0)
+        }
+
+    assert max(new_batches("generate")) > 1, after
+    assert max(new_batches("score")) > 1, after
+
+
+def test_streaming_yields_tokens_incrementally(served):
+    body = {"prompt": "The license", "max_tokens": 200, "temperature": 0, "stream": True}
+    t0, arrivals, texts, finish = time.perf_counter(), [], [], None
+    with served.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            arrivals.append(time.perf_counter() - t0)
+            if line == "data: [DONE]":
+                break
+            choice = json.loads(line[6:])["choices"][0]
+            texts.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+    assert len(texts) > 20 and finish in ("stop", "length")
+    assert arrivals[0] < arrivals[-1] / 2  # the first token came long before the end
+    whole = post(served, "/v1/completions", {**body, "stream": False}).json()["choices"][0]["text"]
+    assert "".join(texts) == whole  # greedy: streamed and whole agree
+
+
+def test_stop_string_ends_the_completion(served):
+    body = {"prompt": "Copyright", "max_tokens": 60, "temperature": 0}
+    text = post(served, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop
+    r = post(served, "/v1/completions", {**body, "stop": [stop]}).json()["choices"][0]
+    assert r["text"] == text[: text.index(stop)] and r["finish_reason"] == "stop"
+
+
+# --- bad input: a status code each, a request id always, no replica lost ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/summarize", b"{not json", 422, None),
+        ("/v1/summarize", {"text": 5}, 422, "text"),
+        ("/v1/summarize", {}, 422, "text"),
+        ("/v1/summarize", {"text": "x", "max_token": 5}, 422, "max_token"),
+        ("/v1/find", {"query": "x", "k": 0}, 422, "k"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, 422, "n"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
+        ("/v1/summarize", {"text": "x" * 20_001}, 413, None),
+        (
+            "/v1/completions",
+            {"prompt": "word " * 2000},
+            413,
+            None,
+        ),  # under the characters limit, over the context
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, None),
+    ],
+)
+def test_bad_input_gets_its_status(served, path, body, status, param):
+    kw = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
+    r = served.post(path, **kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    assert error["request_id"] == r.headers["x-request-id"]
+    if param:
+        assert error["param"] == param
+
+
+def test_oversized_body_is_refused_before_parsing(served):
+    r = served.post("/v1/moderate", content=b"x" * 1_000_001, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "input_too_long"
+
+
+def test_max_tokens_is_capped(served):
+    r = post(served, "/v1/completions", {"prompt": "The", "max_tokens": 10**6, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] <= 256
+
+
+def test_bad_requests_take_no_replica_down(served):
+    pid = lm_info()["replica_pid"]
+    for body in ({"text": None}, {"text": "y" * 50_000}, {"text": "z" * 3000}):
+        assert served.post("/v1/moderate", json=body).status_code in (413, 422)
+    assert (
+        served.post(
+            "/v1/summarize", content=b"\xff\xfe", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+    assert lm_info()["replica_pid"] == pid
+    assert post(served, "/v1/moderate", {"text": "still here?"}).status_code == 200
+
+
+# --- auth, overload, timeout (the strict app) --------------------------------------------------------
+
+
+def test_auth_on_refuses_without_a_key(served):
+    assert served.post("/strict/v1/moderate", json={"text": "hi"}).status_code == 401
+    wrong = served.post("/strict/v1/moderate", json={"text": "hi"}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+    assert served.get("/strict/healthz").status_code == 200  # health stays open for load balancers
+    ok = served.get("/strict/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200
+
+
+def test_timeout_gives_504_and_the_app_recovers(served):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = served.post("/strict/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=auth)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    assert served.get("/strict/v1/models", headers=auth).status_code == 200
+
+
+def test_overload_gives_503_with_retry_after(served):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "x", "max_tokens": 50}
+    with cf.ThreadPoolExecutor(16) as pool:
+        responses = list(
+            pool.map(lambda _: served.post("/strict/v1/completions", json=body, headers=auth), range(16))
+        )
+    overloaded = [r for r in responses if r.status_code == 503]
+    assert overloaded, [r.status_code for r in responses]
+    assert all(
+        r.headers["retry-after"] == "2" and r.json()["error"]["type"] == "overloaded" for r in overloaded
+    )
+    assert {r.status_code for r in responses} <= {200, 503, 504}
+    time.sleep(1)
+    assert served.get("/strict/v1/models", headers=auth).status_code == 200  # nothing crashed

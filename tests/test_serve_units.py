@@ -1,0 +1,194 @@
+"""The serving pieces without Ray: batched generation, text streaming with stop strings, the passage
+index, moderation's label arithmetic, the code check, and config validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from odyssey.data.schema import Document
+from odyssey.errors import OdysseyError
+from odyssey.model import Transformer, pad_vocab, tiny
+from serve.app import AppArgs
+from serve.gateway import GatewaySettings, load_key_digests
+from serve.generation import BatchDecoder, GenerationParams, TextStream
+from serve.passages import PassageIndex, load_documents, split_documents
+from serve.tasks import ANSWERS, label_probabilities, syntax_error
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return Transformer(replace(tiny(), vocab_size=pad_vocab(tokenizer.vocab_size), max_seq_len=128)).eval()
+
+
+def run(decoder: BatchDecoder) -> list[str]:
+    texts = [""] * decoder.size
+    while not decoder.done:
+        for i, chunk in enumerate(decoder.step()):
+            if chunk is not None:
+                texts[i] += chunk.text
+    return texts
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+
+def test_batch_matches_one_by_one_greedy(model, tokenizer):
+    prompts = [tokenizer.prompt("lm", t) for t in ("The license", "Copyright (C) 2020 the authors", "x")]
+    params = [GenerationParams(max_tokens=n, temperature=0.0) for n in (12, 5, 9)]
+    decoder = BatchDecoder(model, tokenizer, prompts, params)
+    batched = run(decoder)
+    for prompt, p, text, n in zip(prompts, params, batched, decoder.generated):
+        ids = model.generate([prompt], p.max_tokens, temperature=0.0, stop_ids=[tokenizer.eos_id])[0]
+        assert text == tokenizer.decode(ids) and n == len(ids)
+    assert decoder.finish == [
+        "length" if n == p.max_tokens else "stop" for n, p in zip(decoder.generated, params)
+    ]
+
+
+def test_rows_keep_their_own_sampling_settings(model, tokenizer):
+    prompt = tokenizer.prompt("lm", "The license")
+    seeded = GenerationParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    a = run(BatchDecoder(model, tokenizer, [prompt, prompt], [seeded, GenerationParams(10, temperature=0.0)]))
+    b = run(BatchDecoder(model, tokenizer, [prompt], [seeded]))
+    assert a[0] == b[0]  # the seed makes a row reproducible whatever it is batched with
+    greedy = tokenizer.decode(model.generate([prompt], 10, temperature=0.0, stop_ids=[tokenizer.eos_id])[0])
+    assert a[1] == greedy
+
+
+def test_batch_refuses_what_does_not_fit(model, tokenizer):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        BatchDecoder(model, tokenizer, [[1] * 100], [GenerationParams(max_tokens=50)])
+    with pytest.raises(ValueError, match="max_tokens"):
+        GenerationParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationParams(max_tokens=1, top_p=0.0)
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer whose ids are UTF-8 bytes, so that characters split across tokens."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def feed(text: str, stop=()) -> tuple[list[str], TextStream]:
+    stream = TextStream(_CharTokenizer(), tuple(stop))
+    pieces = []
+    for b in text.encode():
+        pieces.append(stream.push(b))
+        if stream.stopped:
+            break
+    else:
+        pieces.append(stream.flush())
+    return pieces, stream
+
+
+def test_text_stream_never_emits_half_a_character():
+    pieces, _ = feed("héllo ☃ wörld")
+    assert "".join(pieces) == "héllo ☃ wörld"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_text_stream_stops_before_the_stop_string_across_tokens():
+    pieces, stream = feed("alpha beta\n\ngamma", stop=["\n\n", "zeta"])
+    assert "".join(pieces) == "alpha beta" and stream.stopped
+    pieces, stream = feed("a partial ze then more", stop=["zeta"])  # a prefix that never completes
+    assert "".join(pieces) == "a partial ze then more" and not stream.stopped
+
+
+# --- passages --------------------------------------------------------------------------------------------
+
+
+DOCS = [
+    Document(
+        "d1", "Apache", "Apache License\n\n" + "You may reproduce and distribute copies of the Work. " * 3
+    ),
+    Document("d2", "Cats", "Cats are small domesticated carnivorous mammals that purr and sleep a lot. " * 2),
+    Document("d3", "GPL", "The GNU General Public License is a free, copyleft license for software. " * 2),
+]
+
+
+def test_passages_carry_true_offsets():
+    passages = split_documents(DOCS)
+    text = {d.doc_id: d.text for d in DOCS}
+    assert passages and all(text[p.doc_id][p.start : p.end] == p.text for p in passages)
+
+
+def test_hybrid_search_fuses_words_and_vectors():
+    index = PassageIndex(split_documents(DOCS))
+    hits = index.search("copyleft license", k=2)
+    assert hits[0].passage.doc_id == "d3" and hits[0].dense is None  # BM25 alone without vectors
+    vectors = torch.eye(len(index))[:, :8] if len(index) <= 8 else torch.eye(len(index))
+    index.set_vectors(vectors, "m@1")
+    cats = next(i for i, p in enumerate(index.passages) if p.doc_id == "d2")
+    # A query with no word in common, whose vector points at the cats passage: found by the dense side.
+    hybrid = index.search("feline pets", k=1, query_vector=vectors[cats], model_id="m@1")
+    assert hybrid[0].passage.doc_id == "d2" and hybrid[0].dense == pytest.approx(1.0)
+    # A vector from another model is not compared with this index's vectors.
+    assert index.search("feline pets", k=1, query_vector=vectors[cats], model_id="other@2") == []
+
+
+def test_documents_from_parquet_and_errors(tmp_path, corpus_dir):
+    docs = load_documents(corpus_dir / "documents", max_documents=3)
+    assert len(docs) == 3 and all(d.text for d in docs)
+    with pytest.raises(OdysseyError, match="does not exist"):
+        load_documents(tmp_path / "missing.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(OdysseyError, match="doc_id"):
+        load_documents(tmp_path / "bad.parquet")
+
+
+# --- moderation arithmetic, code check --------------------------------------------------------------------
+
+
+def test_label_probabilities_are_marginals():
+    assert ANSWERS[0] == () and len(ANSWERS) == 8  # "safe" and every combination of the 3 unsafe labels
+    logprobs = [math.log(p) for p in (0.5, 0.2, 0.1, 0.1, 0.05, 0.02, 0.02, 0.01)]
+    probs = label_probabilities(logprobs)
+    assert probs["safe"] == pytest.approx(0.5)
+    expected = {
+        label: sum(p for a, p in zip(ANSWERS, (0.5, 0.2, 0.1, 0.1, 0.05, 0.02, 0.02, 0.01)) if label in a)
+        for label in ("profanity", "personal_data", "spam")
+    }
+    for label, p in expected.items():
+        assert probs[label] == pytest.approx(p)
+
+
+def test_syntax_error():
+    assert syntax_error("def f(x):\n    return x + 1\n") is None
+    assert "line 1" in syntax_error("def f(:")
+    assert syntax_error("   ") is not None  # no code is no answer
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+
+
+def test_app_args_validate_with_the_field_named():
+    AppArgs(model_path="/m")
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        AppArgs(model_path="/m", max_batch_size=128)  # over the default max_ongoing_requests=64
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        AppArgs(model_path="/m", max_batch_sise=4)
+    with pytest.raises(ValidationError, match="num_gpus"):
+        AppArgs(model_path="/m", model={"device": "cuda"})
+
+
+def test_api_keys_from_env_or_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_KEYS", "k1, k2")
+    (tmp_path / "keys").write_text("k3\n\n")
+    digests = load_key_digests(
+        GatewaySettings(auth=True, api_keys_env="MY_KEYS", api_keys_file=str(tmp_path / "keys"))
+    )
+    assert len(digests) == 3
+    monkeypatch.delenv("MY_KEYS")
+    with pytest.raises(ValueError, match="no API keys"):
+        load_key_digests(GatewaySettings(auth=True, api_keys_env="MY_KEYS"))
