@@ -156,7 +156,7 @@ def translate(exc: BaseException) -> BaseException:
     root = root_cause(exc)
     if isinstance(root, ServeError):
         return root
-    if isinstance(root, BackPressureError) or isinstance(exc, BackPressureError):
+    if isinstance(root, BackPressureError):
         return Overloaded("the model is at capacity: its request queue is full; retry after the given delay")
     if isinstance(root, DeploymentUnavailableError):
         return Overloaded("the model is not available right now (starting or redeploying); retry shortly")

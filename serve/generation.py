@@ -170,13 +170,13 @@ class BatchDecoder:
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row, each row with its own settings: rows that share settings (and have no
         seed of their own) are sampled in one call."""
-        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        # Finished rows get the pad token: they still feed the next decode step, never the answer.
+        out = torch.full((logits.shape[0],), self.tokenizer.pad_id, dtype=torch.long, device=logits.device)
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(self.params):
             if self.finish[i] is None:
                 key = (p.temperature, p.top_k, p.top_p, i if self.generators[i] is not None else -1)
                 groups.setdefault(key, []).append(i)
-        out.fill_(self.tokenizer.pad_id)  # finished rows: any token, never returned
         for (temperature, top_k, top_p, own), rows in groups.items():
             index = torch.tensor(rows, device=logits.device)
             generator = self.generators[own] if own >= 0 else None

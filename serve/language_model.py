@@ -73,6 +73,11 @@ class Loaded:
             raise InvalidRequest(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
         return self.tokenizer.prompt(task, text)
 
+    def answers(self, task: str, text: str, options: tuple[str, ...]) -> list[tuple[list[int], list[int]]]:
+        """(prompt, option + end-of-text) token pairs: what `score` rates."""
+        prompt = self.prompt(task, text)
+        return [(prompt, [*self.tokenizer.encode(o), self.tokenizer.eos_id]) for o in options]
+
 
 def _weights_digest(path: Path) -> str:
     h = hashlib.sha256()
@@ -97,6 +102,17 @@ class GenerateCall:
     text: str
     params: GenerationParams
     call_id: str
+    prompt: list[int]  # encoded once, when the call is checked...
+    model_id: str  # ...by this model's tokenizer; a batch on another model (after a swap) encodes again
+
+
+@dataclass
+class ScoreCall:
+    task: str
+    text: str
+    options: tuple[str, ...]
+    pairs: list[tuple[list[int], list[int]]]
+    model_id: str
 
 
 @serve.deployment(name="LanguageModel")
@@ -146,18 +162,19 @@ class LanguageModel:
 
     # --- generation --------------------------------------------------------------------------------
 
-    def _checked(self, task: str, text: str, params: GenerationParams) -> GenerationParams:
+    def _call(self, task: str, text: str, params: GenerationParams) -> GenerateCall:
         """Fail early (413) when the prompt leaves no room; cap max_tokens to the room there is."""
         m = self.loaded
-        n_prompt, limit = len(m.prompt(task, text)), m.model.cfg.max_seq_len
-        if n_prompt >= limit:
+        prompt, limit = m.prompt(task, text), m.model.cfg.max_seq_len
+        if len(prompt) >= limit:
             raise InputTooLong(
-                f"the prompt is {n_prompt} tokens; this model reads at most {limit - 1} before answering"
+                f"the prompt is {len(prompt)} tokens; this model reads at most {limit - 1} before answering"
             )
-        return replace(params, max_tokens=min(params.max_tokens, limit - n_prompt))
+        params = replace(params, max_tokens=min(params.max_tokens, limit - len(prompt)))
+        return GenerateCall(task, text, params, uuid.uuid4().hex, prompt, m.id)
 
     async def generate_stream(self, task: str, text: str, params: GenerationParams) -> AsyncGenerator[Chunk]:
-        call = GenerateCall(task, text, self._checked(task, text, params), uuid.uuid4().hex)
+        call = self._call(task, text, params)
         finished = False
         try:
             async for chunk in self._stream_batch(call):
@@ -168,8 +185,7 @@ class LanguageModel:
                 self.cancelled.add(call.call_id)
 
     async def generate(self, task: str, text: str, params: GenerationParams) -> dict:
-        call = GenerateCall(task, text, self._checked(task, text, params), uuid.uuid4().hex)
-        return await self._generate_batch(call)
+        return await self._generate_batch(self._call(task, text, params))
 
     # Two batch queues over one decode loop: whole answers (every task) and streams (completions with
     # "stream": true). A generator batch costs a future per row per step, a whole answer does not, and
@@ -219,8 +235,8 @@ class LanguageModel:
         m = self.loaded  # this batch's model, whatever a reconfigure does meanwhile
         self.batch_sizes[kind][len(calls)] += 1
         room = m.model.cfg.max_seq_len
-        prompts = [m.prompt(c.task, c.text) for c in calls]
-        # A reconfigure between a call's check and its batch may have brought a new tokenizer.
+        prompts = [c.prompt if c.model_id == m.id else m.prompt(c.task, c.text) for c in calls]
+        # After a swap between a call's check and its batch, a new tokenizer may need more room.
         params = [
             replace(c.params, max_tokens=max(1, min(c.params.max_tokens, room - len(p))))
             for c, p in zip(calls, prompts)
@@ -259,22 +275,23 @@ class LanguageModel:
 
     async def score(self, task: str, text: str, options: list[str]) -> dict:
         """Log-probability of each option (followed by end-of-text) as the answer to `text` in `task`."""
-        m = self.loaded
-        n = len(m.prompt(task, text)) + max(len(m.tokenizer.encode(o)) + 1 for o in options)
+        m, options = self.loaded, tuple(options)
+        pairs = m.answers(task, text, options)
+        n = max(len(p) + len(c) for p, c in pairs)
         if n > m.model.cfg.max_seq_len:
             raise InputTooLong(
                 f"the input is {n} tokens with its longest label; this model reads {m.model.cfg.max_seq_len}"
             )
-        return await self._score_batch((task, text, tuple(options)))
+        return await self._score_batch(ScoreCall(task, text, options, pairs, m.id))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _score_batch(self, requests: list[tuple[str, str, tuple[str, ...]]]) -> list[dict]:
+    async def _score_batch(self, calls: list[ScoreCall]) -> list[dict]:
         m = self.loaded
-        self.batch_sizes["score"][len(requests)] += 1
+        self.batch_sizes["score"][len(calls)] += 1
         pairs = [
-            (m.prompt(task, text), [*m.tokenizer.encode(o), m.tokenizer.eos_id])
-            for task, text, options in requests
-            for o in options
+            pair
+            for c in calls
+            for pair in (c.pairs if c.model_id == m.id else m.answers(c.task, c.text, c.options))
         ]
 
         def run(part):
@@ -282,9 +299,9 @@ class LanguageModel:
 
         logprobs = _in_chunks(run, pairs, lambda pair: len(pair[0]) + len(pair[1]))
         out, start = [], 0
-        for _, _, options in requests:
-            out.append({"logprobs": logprobs[start : start + len(options)].tolist(), "model_id": m.id})
-            start += len(options)
+        for c in calls:
+            out.append({"logprobs": logprobs[start : start + len(c.options)].tolist(), "model_id": m.id})
+            start += len(c.options)
         return out
 
 

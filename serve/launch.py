@@ -128,9 +128,10 @@ def deploy(
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     client = ServeSubmissionClient(dashboard)
-    running = (client.get_serve_details().get("http_options") or {}).get("port")
+    details = client.get_serve_details()
+    running = (details.get("http_options") or {}).get("port")
     wanted = config.get("http_options", {}).get("port", 8000)
-    if running and running != wanted and client.get_serve_details().get("applications"):
+    if running and running != wanted and details.get("applications"):
         raise OdysseyError(
             f"Serve already listens on port {running} on this cluster; use --port {running} or `odyssey serve stop`"
         )
@@ -138,7 +139,10 @@ def deploy(
     wait_running(client, timeout_s)
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{wanted}"
-    keys = os.environ.get(config["applications"][0]["args"].get("gateway", {}).get("api_keys_env", ""), "")
+    from serve.app import AppArgs
+
+    keys_env = AppArgs(**config["applications"][0]["args"]).gateway.api_keys_env
+    keys = os.environ.get(keys_env, "")
     headers = {"Authorization": f"Bearer {keys.split(',')[0].strip()}"} if keys.strip() else {}
     deadline = time.monotonic() + 120
     while True:  # the proxy may need a moment after the app turns RUNNING
