@@ -11,7 +11,7 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-.PHONY: demo test lint bench bench-train bench-serve setup clean
+.PHONY: demo test lint bench bench-train bench-serve bench-tune setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -31,6 +31,9 @@ bench-train: $(STAMP)  # ~25 minutes on 2 cores
 
 bench-serve: $(STAMP)  # ~10 minutes on 2 cores
 	$(BIN)/python bench/serve_load.py $(ARGS)
+
+bench-tune: $(STAMP)  # ~25 minutes on 2 cores
+	$(BIN)/python bench/tune_efficiency.py $(ARGS)
 
 setup: $(STAMP)
 

@@ -5,6 +5,7 @@
     odyssey data pack --corpus DIR [--tokenizer FILE] [--seq-len N] [--out DIR]
     odyssey model presets
     odyssey train --config RECIPE [--set k=v ...]      (= python -m train)
+    odyssey tune --config SWEEP [--set k=v ...] [--transfer]  (= python -m tune)
     odyssey export CHECKPOINT_OR_RUN --out DIR [--best]
     odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve stop
     odyssey demo [--set k=v ...]
@@ -82,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="pretrain with Ray Train + DeepSpeed (same as python -m train)")
     train.add_argument("train_args", nargs=argparse.REMAINDER, help="python -m train's arguments")
+    tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (same as python -m tune)")
+    tune.add_argument("tune_args", nargs=argparse.REMAINDER, help="python -m tune's arguments")
 
     export = sub.add_parser("export", help="a training checkpoint -> safetensors + config + tokenizer")
     export.add_argument("source", type=Path, help="a checkpoint_* directory or a run directory")
@@ -211,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from train.launch import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["tune"]:
+        from tune.sweep import main as tune_main
+
+        return tune_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -27,7 +27,10 @@ from odyssey.errors import OdysseyError
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS, as inside `ray job submit`); else start an embedded cluster."""
+    """Join `address` (or RAY_ADDRESS, as inside `ray job submit`); else start an embedded cluster.
+    Inside a Ray worker (a Tune trial), or once connected, there is nothing to do."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     token = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else _token_file()  # where it is, or None
@@ -65,6 +68,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             else "a one-off token; set RAY_AUTH_TOKEN before launching to log in"
         )
         print(f"embedded Ray cluster: dashboard at http://{context.dashboard_url} ({how})", file=sys.stderr)
+
+
+def disconnect() -> None:
+    """Leave Ray (and stop the embedded cluster, if this process started one)."""
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
 
 
 def _token_file() -> str | None:

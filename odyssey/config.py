@@ -27,35 +27,68 @@ T = TypeVar("T")
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from a YAML file (optional) with `key=value` overrides applied on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping of fields, got {type(loaded).__name__}"
-            )
-        data = dict(loaded or {})
+    data = read_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping, with an error that names the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(loaded).__name__}")
+    return dict(loaded or {})
+
+
+def named_file(name_or_path: str, directory: Path, kind: str) -> Path:
+    """A named YAML in `directory` (`tiny-cpu` -> directory/tiny-cpu.yaml), or a path taken as it is."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = directory / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+        raise ConfigError(f"no {kind} {name_or_path!r}; {kind}s: {known} (or give a YAML path)")
+    return candidate
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict; returns a new dict."""
-    out = _deep_copy(data)
+    values = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.n_layer=4)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            values[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            value = raw
+            values[key] = raw
+    return set_values(data, values)
+
+
+def flatten_keys(
+    data: Any, is_leaf=lambda value: not isinstance(value, Mapping), prefix: str = ""
+) -> dict[str, Any]:
+    """A nested mapping as dotted keys to leaves: `{optim: {lr: 1}}` -> `{"optim.lr": 1}`."""
+    if not isinstance(data, Mapping):
+        return {}
+    out = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        out.update({key: value} if is_leaf(value) else flatten_keys(value, is_leaf, key + "."))
+    return out
+
+
+def set_values(data: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`optim.lr`) to values in a nested dict; returns a new dict."""
+    out = _deep_copy(data)
+    for key, value in values.items():
         node = out
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -64,7 +97,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 child = {"preset": child}
             elif not isinstance(child, Mapping):
                 if child is not None:
-                    raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+                    raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is not a section")
                 child = {}
             node[part] = child = dict(child)
             node = child

@@ -44,22 +44,20 @@ def blocks_dir(corpus_dir, tokenizer):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster on loopback with token auth, shared by the session and shut down after it.
-    Four logical CPUs on two cores: two training workers (one thread each) plus room for Ray Data."""
+    """A local Ray cluster on loopback with token auth, shared by the session and shut down after it:
+    the embedded cluster the entry points start (odyssey.cluster.connect), dashboard included, since Ray
+    Train's placement-group cleaner asks its state API whether a run's controller is still alive (a Tune
+    trial that ASHA stops leaves its worker group's resources to that cleaner). Four logical CPUs on two
+    cores: two training workers (one thread each) plus room for Ray Data."""
     import ray
 
-    ctx = ray.init(
-        address="local",  # a new cluster of its own, whatever else runs on the machine
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _node_ip_address="127.0.0.1",
-    )
+    from odyssey import cluster
+
+    cluster.connect(num_cpus=4)
     try:
-        yield ctx
+        yield ray.get_runtime_context()
     finally:
-        ray.shutdown()
+        cluster.disconnect()
 
 
 @pytest.fixture(scope="session")

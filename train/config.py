@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from odyssey.config import named_file
 from odyssey.errors import ConfigError
 from odyssey.model import ModelConfig, tiny
 from odyssey.tasks import TASKS
@@ -151,11 +152,4 @@ class TrainConfig:
 
 def recipe_path(name_or_path: str) -> Path:
     """`tiny-cpu` -> train/configs/tiny-cpu.yaml; a path is taken as it is."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        return path
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise ConfigError(f"no recipe {name_or_path!r}; recipes: {known} (or give a YAML path)")
-    return candidate
+    return named_file(name_or_path, CONFIG_DIR, "recipe")

@@ -12,17 +12,15 @@ checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from odyssey import cluster
+from odyssey import cluster, entrypoint
 from odyssey.config import load_config, to_dict
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import pad_vocab
@@ -64,8 +62,9 @@ def check_resources(cfg: TrainConfig) -> None:
         )
 
 
-def run(cfg: TrainConfig, address: str | None = None) -> dict:
-    """Train; returns the summary (also the last line the CLI prints)."""
+def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = None) -> dict:
+    """Train; returns the summary (also the last line the CLI prints). `callbacks`: Ray Train callbacks
+    (a Tune trial passes the one that forwards every report to Tune)."""
     if cfg.data.prepare:
         train_data.prepare(cfg)
     cfg, model, manifest = resolve(cfg)
@@ -117,6 +116,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=train_data.data_config(cfg, train_names),
@@ -151,33 +151,13 @@ def summarize(run_dir: Path, result) -> dict:
     }
 
 
-def _disconnect() -> None:
-    if "ray" in sys.modules:
-        import ray
-
-        ray.shutdown()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train", description="Pretrain the multitask model: Ray Train + DeepSpeed."
+    args = entrypoint.parser(
+        "python -m train",
+        "Pretrain the multitask model: Ray Train + DeepSpeed.",
+        "tiny-cpu",
+        "a recipe name (train/configs/) or a YAML path",
+    ).parse_args(argv)
+    return entrypoint.run(
+        "train", lambda: run(load_config(TrainConfig, recipe_path(args.config), args.overrides), args.address)
     )
-    parser.add_argument("--config", default="tiny-cpu", help="a recipe name (train/configs/) or a YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    try:
-        cfg = load_config(TrainConfig, recipe_path(args.config), args.overrides)
-        summary = run(cfg, args.address)
-    except OdysseyError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        _disconnect()
-    print(json.dumps(summary))  # the last line on stdout, once Ray has stopped printing worker logs
-    return 0

@@ -52,6 +52,10 @@ def train_loop_per_worker(config: dict) -> None:
         step, tokens = meta["step"], meta["tokens"]
         if rank == 0:
             console(f"resumed from {resumed.path} at step {step} ({tokens:,} tokens)")
+        if step >= cfg.steps and "metrics" in meta:
+            # Relaunched after its last checkpoint: nothing to train, but whoever watches the reports (a Tune
+            # trial restarted after an interruption) must still see the run's final metrics.
+            ray.train.report(meta["metrics"])
     loader = train_data.make_loader(cfg, weights, rank, world, data_state)
     val_data = {
         t: (torch.from_numpy(i.astype("int64")), torch.from_numpy(m.astype(bool)))
@@ -149,6 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "model": config["model"],
                 "train": config["train"],
                 "val_loss": metrics["val_loss"],
+                "metrics": metrics,
             }
             tokenizer = Path(cfg.data.corpus) / "tokenizer.json"
             checkpoint.save(

@@ -1,0 +1,227 @@
+"""Sweeps for real: Ray Tune trials that are Ray Train + DeepSpeed runs of the tiny model on the session's
+local cluster; ASHA stopping trials; the best recipe trained again; a sweep process killed mid-way and
+resumed without rerunning finished trials; a bad space refused by the CLI before any trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from odyssey.config import from_dict, load_config
+from odyssey.errors import ConfigError
+from train import launch
+from train.config import TrainConfig
+from tune import sweep
+from tune.config import SweepConfig
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 16
+
+
+def sweep_data(corpus_dir, storage, name, **sections) -> dict:
+    """A sweep of the tiny model (one-worker trials of 16 steps) as a sweep file holds it."""
+    data = {
+        "name": name,
+        "storage": str(storage),
+        "recipe": "tiny-cpu",
+        "train": {
+            "data.corpus": str(corpus_dir),
+            "data.prepare": False,
+            "steps": STEPS,
+            "eval_every": 4,
+            "log_every": 4,
+            "checkpoint_every": STEPS,
+        },
+        "trial": {"workers": 1},
+    }
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    return data
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(ray_cluster, blocks_dir, corpus_dir, tmp_path_factory):
+    """Four learning rates, two far too small, two trials at a time, ASHA halving at 1/4 and 1/2 of the tokens."""
+    storage = tmp_path_factory.mktemp("tune")
+    data = sweep_data(
+        corpus_dir,
+        storage,
+        "asha",
+        space={"optim.lr": {"grid": [3e-3, 1e-2, 1e-4, 1e-5]}},
+        search={"algorithm": "grid"},
+        scheduler={"kind": "asha", "grace_fraction": 0.25, "reduction_factor": 2},
+        trial={"max_concurrent": 2},
+    )
+    summary = sweep.run(from_dict(SweepConfig, data))
+    rows = json.loads((Path(summary["sweep_dir"]) / "trials.json").read_text())
+    return data, summary, rows
+
+
+def test_asha_sweep_completes_and_stops_trials_early(asha_sweep):
+    _, summary, rows = asha_sweep
+    assert len(rows) == 4 and summary["trials"]["error"] == 0
+    by_lr = {r["params"]["optim.lr"]: r for r in rows}
+    assert set(by_lr) == {3e-3, 1e-2, 1e-4, 1e-5}
+    stopped = [r for r in rows if r["state"] == "stopped"]
+    assert stopped and summary["trials"]["completed"] >= 1
+    for r in stopped:
+        assert r["tokens"] < r["planned_tokens"] == STEPS * 2048
+    assert by_lr[1e-5]["state"] == "stopped"  # barely moves from its initial loss: the first to go
+    assert summary["tokens"] == sum(r["tokens"] for r in rows) < 4 * STEPS * 2048
+    # Every trial was a real training run: its own run directory, with the per-step metrics it trained.
+    for r in rows:
+        metrics = Path(summary["sweep_dir"]) / "trials" / r["trial_id"] / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+        assert steps[-1] * 2048 >= r["tokens"]
+
+
+def test_sweep_writes_table_plot_and_the_best_recipe(asha_sweep):
+    _, summary, rows = asha_sweep
+    out = Path(summary["sweep_dir"])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "trials.md").read_text()
+    assert table.count("\n| ") == 4 and "stopped" in table  # a row per trial
+    completed = [r for r in rows if r["state"] == "completed"]
+    best = min(completed, key=lambda r: r["last"])
+    assert summary["best"]["params"] == best["params"]
+    recipe = load_config(TrainConfig, out / "best.yaml")
+    assert recipe.optim.lr == best["params"]["optim.lr"] and recipe.name == "asha-best"
+    assert recipe.steps == STEPS and recipe.scaling.workers == 1
+
+
+def test_best_recipe_trains_and_reproduces_its_trial(asha_sweep, tmp_path):
+    _, summary, _rows = asha_sweep
+    recipe = load_config(TrainConfig, Path(summary["sweep_dir"]) / "best.yaml", [f"storage={tmp_path}"])
+    result = launch.run(recipe)
+    assert result["steps"] == STEPS and result["final_loss"] < result["first_loss"]
+    # Same config, same seed: the recipe's run lands where its trial did.
+    assert result["val_loss"]["mean"] == pytest.approx(summary["best"]["val_loss"], rel=0.02)
+
+
+def test_finished_sweep_resumes_as_a_no_op(asha_sweep):
+    import ray
+
+    data, summary, rows = asha_sweep
+    marks = {
+        r["trial_id"]: (Path(summary["sweep_dir"]) / "trials" / r["trial_id"] / "metrics.jsonl").read_bytes()
+        for r in rows
+    }
+    again = sweep.run(from_dict(SweepConfig, data))
+    assert again["trials"] == summary["trials"] and again["tokens"] == summary["tokens"]
+    for trial_id, before in marks.items():
+        assert (Path(summary["sweep_dir"]) / "trials" / trial_id / "metrics.jsonl").read_bytes() == before
+    # Stopped trials took their worker groups with them: the cluster's CPUs are all free again.
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 4
+
+
+def test_a_different_sweep_under_the_same_name_is_refused(asha_sweep):
+    data, _summary, _rows = asha_sweep
+    changed = from_dict(SweepConfig, {**data, "train": {**data["train"], "steps": 8}})
+    with pytest.raises(ConfigError, match="holds a sweep with other settings"):
+        sweep.run(changed)
+
+
+def _tune_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tune", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the kill takes the driver and its embedded cluster
+        **kw,
+    )
+
+
+def test_killed_transfer_sweep_resumes_without_rerunning_finished_trials(blocks_dir, corpus_dir, tmp_path):
+    """A µP transfer sweep (32-wide proxy of the 128-wide tiny model) in its own process, SIGKILLed with
+    its embedded cluster once a trial has finished, then launched again."""
+    sweep_file = tmp_path / "transfer.yaml"
+    data = sweep_data(
+        corpus_dir,
+        tmp_path / "tune",
+        "mup",
+        train={"steps": 8, "checkpoint_every": 4},
+        space={"optim.lr": {"grid": [3e-3, 1e-2, 3e-2]}},
+        search={"algorithm": "grid"},
+        scheduler={"kind": "fifo"},
+        trial={"max_concurrent": 1},
+        transfer={"proxy_width": 32},
+    )
+    sweep_file.write_text(yaml.safe_dump(data))
+    trials_dir = tmp_path / "tune" / "mup" / "trials"
+
+    def finished() -> list[Path]:
+        """Trials whose training wrote its last step (its final checkpoint follows within a second)."""
+        done = []
+        for path in trials_dir.glob("*/metrics.jsonl"):
+            lines = path.read_text().splitlines()
+            if (
+                lines
+                and json.loads(lines[-1])["step"] == 8
+                and list(path.parent.glob("checkpoint_step0000008"))
+            ):
+                done.append(path)
+        return done
+
+    proc = _tune_cli(["--config", str(sweep_file), "--transfer"])
+    try:
+        deadline = time.time() + 240
+        while not finished() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert finished(), (
+            proc.communicate()[1][-3000:] if proc.poll() is not None else "no trial finished in time"
+        )
+        done_before = {p.parent.name: p.read_bytes() for p in finished()}
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    again = _tune_cli(["--config", str(sweep_file), "--transfer"])
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["trials"] == {"completed": 3, "stopped": 0, "error": 0}
+    for trial_id, before in done_before.items():  # finished trials were kept, not trained again
+        assert (trials_dir / trial_id / "metrics.jsonl").read_bytes() == before
+    assert len(list(trials_dir.iterdir())) == 3
+    # The transfer recipe: the tiny model's own width under µP, with the proxy's best learning rate.
+    target = load_config(TrainConfig, summary["target_recipe"])
+    proxy = load_config(TrainConfig, summary["recipe"])
+    assert (proxy.model.d_model, target.model.d_model) == (32, 128)
+    assert target.model.mup and target.model.mup_base_width == 32 and target.model.width_mult == 4
+    assert target.optim.lr == proxy.optim.lr == summary["best"]["params"]["optim.lr"]
+
+
+def test_bad_space_is_refused_before_any_trial(tmp_path):
+    proc = _tune_cli(
+        [
+            "--config",
+            "tiny-lr",
+            "--set",
+            f"storage={tmp_path}",
+            "--set",
+            "space.optim.lrr={loguniform: [1e-3, 1e-2]}",
+        ]
+    )
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "tune: error: space.optim.lrr: unknown field 'optim.lrr'; did you mean 'optim.lr'?" in err
+    assert "Traceback" not in err and "Ray" not in err  # refused before Ray started
+    assert not any(tmp_path.iterdir())  # no sweep directory, no trial

@@ -1,0 +1,3 @@
+from tune.sweep import main
+
+raise SystemExit(main())

@@ -1,0 +1,279 @@
+"""`python -m tune` (and `odyssey tune`): plan a sweep, run it with Ray Tune, write what it found.
+
+    python -m tune --config tiny-lr [--set key=value ...] [--transfer] [--address ADDR]
+
+Top to bottom:
+    plan      the recipe + `train:` settings + the trial's resources -> the trials' base training config
+              (paths made absolute: trials run in other processes, from other directories); the space
+              checked against it; with --transfer the model narrowed to the µP proxy.
+    run       data prepared once on the driver; Ray reached (embedded cluster by default); a Tuner built
+              (search algorithm, ASHA on tokens trained, concurrency capped to the cluster, token and
+              time budgets) or, when the sweep directory already holds this sweep, restored: finished
+              trials are kept, unfinished ones restart (their training runs resume from checkpoints).
+    report    tune/results.py: the trials table, the metric-vs-hyperparameter PNG, the best recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from odyssey import cluster, entrypoint
+from odyssey.config import flatten_keys, from_dict, load_config, read_yaml, set_values, to_dict
+from odyssey.errors import ConfigError
+from odyssey.model import ModelConfig
+from train import data as train_data
+from train.config import TrainConfig, recipe_path
+from tune import results, space
+from tune.config import SweepConfig, sweep_path
+
+log = logging.getLogger("tune")
+WIDTH_FIELDS = (
+    "model.d_model",
+    "model.n_head",
+    "model.n_kv_head",
+    "model.ffn_hidden",
+    "model.mup",
+    "model.mup_base_width",
+)
+
+
+@dataclass
+class Plan:
+    """A sweep resolved on the driver."""
+
+    cfg: SweepConfig
+    transfer: bool
+    sweep_dir: Path
+    base: dict[str, Any]  # the trials' training config as plain data, before the searched values
+    params: list[space.Param]
+    trial_tokens: int  # the most tokens one trial may train (ASHA's max_t)
+    target: dict[str, Any] | None = None  # --transfer: the wide model's training config (plain data)
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.sweep_dir / "trials"
+
+
+def plan(cfg: SweepConfig, transfer: bool = False) -> Plan:
+    sweep_dir = Path(cfg.storage).resolve() / cfg.name
+    recipe = _train_config(set_values(read_yaml(recipe_path(cfg.recipe)), flatten_keys(cfg.train)), "train")
+    data = replace(
+        recipe.data,
+        corpus=str(Path(recipe.data.corpus).resolve()),
+        blocks=str(Path(recipe.data.blocks).resolve()) if recipe.data.blocks else None,
+    )
+    recipe = replace(recipe, data=data)
+    resources = {
+        "scaling.workers": cfg.trial.workers,
+        "scaling.cpus_per_worker": cfg.trial.cpus_per_worker,
+        "scaling.use_gpu": cfg.trial.use_gpu,
+    }
+    trials = _train_config(set_values(to_dict(recipe), resources), "trial")
+    target = None
+    if transfer:
+        clash = [name for name in space.flatten(cfg.space) if name in WIDTH_FIELDS]
+        if clash:
+            raise ConfigError(
+                f"space.{clash[0]}: --transfer tunes at one proxy width and transfers to the recipe's; "
+                f"do not search {', '.join(WIDTH_FIELDS)}"
+            )
+        proxy, wide = mup_pair(recipe.model, cfg.transfer.proxy_width)
+        trials = replace(trials, model=proxy)
+        target = to_dict(replace(recipe, model=wide))
+    base = to_dict(trials)
+    params = space.parse_space(cfg.space, cfg.search.algorithm, base)
+    return Plan(cfg, transfer, sweep_dir, base, params, _most_tokens(base, params), target)
+
+
+def mup_pair(model: ModelConfig, proxy_width: int | None) -> tuple[ModelConfig, ModelConfig]:
+    """(proxy, target) for µP transfer: both under µP with the proxy's width as base width (there the
+    proxy is exactly the standard model), heads of the same width, every other field the target's."""
+    head_dim = model.head_dim
+    width = proxy_width or max(head_dim, model.d_model // 4 // head_dim * head_dim)
+    if width % head_dim or width > model.d_model:
+        raise ConfigError(
+            f"transfer.proxy_width={width} must be a multiple of the head width {head_dim} and at most the "
+            f"target's d_model={model.d_model}"
+        )
+    heads = width // head_dim
+    kv = None if model.n_kv_head is None else max(1, model.n_kv_head * heads // model.n_head)
+    ffn = None if model.ffn_hidden is None else model.ffn_hidden * width // model.d_model
+    try:
+        proxy = replace(
+            model, d_model=width, n_head=heads, n_kv_head=kv, ffn_hidden=ffn, mup=True, mup_base_width=width
+        )
+    except ConfigError as e:
+        raise ConfigError(f"transfer.proxy_width={width}: {e}") from None
+    return proxy, replace(model, mup=True, mup_base_width=width)
+
+
+def _train_config(data: dict, where: str) -> TrainConfig:
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _most_tokens(base: dict, params: list[space.Param]) -> int:
+    """Steps x global batch at the largest values the space allows."""
+    most = {"steps": base["steps"], "global_batch_tokens": base["global_batch_tokens"]}
+    for p in params:
+        if p.field in most:
+            most[p.field] = max(int(v) for v in p.values)
+    return most["steps"] * most["global_batch_tokens"]
+
+
+# --- run ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: SweepConfig, transfer: bool = False, address: str | None = None) -> dict:
+    p = plan(cfg, transfer)
+    _prepare_data(p)  # before the sweep directory exists: a missing dataset leaves nothing behind
+    _claim(p)
+    need_cpu = cfg.trial.workers * cfg.trial.cpus_per_worker + 1  # + 1 for the trial's Ray Data work
+    cluster.connect(
+        address,
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need_cpu * (cfg.trial.max_concurrent or 1))),
+    )
+    tuner = _tuner(p, _concurrency(cfg, need_cpu))
+    grid = tuner.fit()
+    rows = results.collect(grid, p)
+    return results.report(rows, p)
+
+
+def _claim(p: Plan) -> None:
+    """One sweep per directory: the same sweep resumes there; a different one is refused."""
+    record = {"sweep": to_dict(p.cfg), "transfer": p.transfer}
+    path = p.sweep_dir / "sweep.yaml"
+    if path.is_file():
+        previous = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if previous != record:
+            changed = sorted(
+                k
+                for k in set(previous["sweep"]) | set(record["sweep"])
+                if previous["sweep"].get(k) != record["sweep"].get(k)
+            ) or ["transfer"]
+            raise ConfigError(
+                f"{p.sweep_dir} holds a sweep with other settings ({', '.join(changed)} differ); give this one "
+                f"another name (--set name=...) or remove that directory"
+            )
+        return
+    p.sweep_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+
+
+def _prepare_data(p: Plan) -> None:
+    """Build missing data once, here, rather than in racing trials: for the base and each listed seq_len."""
+    seq_lens = next((q.values for q in p.params if q.field == "data.seq_len" and q.discrete), (None,))
+    for seq_len in seq_lens:
+        values = {} if seq_len is None else {"data.seq_len": seq_len}
+        trial = space.train_config(p.base, values)
+        if trial.data.prepare:
+            train_data.prepare(trial)
+        train_data.read_manifest(trial)  # a missing dataset is an error now, not in every trial
+
+
+def _concurrency(cfg: SweepConfig, need_cpu: float) -> int:
+    import ray
+
+    if cfg.trial.max_concurrent:
+        return cfg.trial.max_concurrent
+    have = ray.cluster_resources()
+    fit = int(have.get("CPU", 0) // need_cpu)
+    if cfg.trial.use_gpu:
+        fit = min(fit, int(have.get("GPU", 0) // cfg.trial.workers))
+    if fit < 1:
+        raise ConfigError(
+            f"trial: one trial needs {cfg.trial.workers} workers x {cfg.trial.cpus_per_worker} CPUs (+1)"
+            f"{' and GPUs' if cfg.trial.use_gpu else ''}, more than the cluster's {have}; lower trial.workers, "
+            f"or set trial.max_concurrent on an autoscaling cluster"
+        )
+    return fit
+
+
+def _tuner(p: Plan, concurrency: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from tune.budget import TokenBudget
+    from tune.trial import run_trial
+
+    cfg = p.cfg
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=p.base, trials_dir=str(p.trials_dir)),
+        # The trial's process only drives its TorchTrainer: a sliver of a CPU (Tune refuses none); the
+        # workers hold the resources, and max_concurrent_trials keeps trials from outnumbering them.
+        {"CPU": 0.01},
+    )
+    if tune.Tuner.can_restore(str(p.sweep_dir)):
+        log.info("resuming the sweep in %s: finished trials are kept, unfinished ones restart", p.sweep_dir)
+        return tune.Tuner.restore(str(p.sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
+
+    algorithm = cfg.search.algorithm
+    if algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed), max_concurrent=concurrency)
+    else:  # Tune's max_concurrent_trials does not reach this one: it takes its own cap
+        search_alg = BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrency)
+    if cfg.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="tokens",
+            max_t=p.trial_tokens,
+            grace_period=max(1, int(cfg.scheduler.grace_fraction * p.trial_tokens)),
+            reduction_factor=cfg.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space={q.field: q.to_tune(algorithm) for q in p.params},
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=1 if algorithm == "grid" else cfg.budget.trials,
+            time_budget_s=cfg.budget.time_s,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=str(p.sweep_dir.parent),
+            stop=TokenBudget(cfg.budget.tokens) if cfg.budget.tokens else None,
+            failure_config=tune.FailureConfig(max_failures=0),  # a diverged trial is a result, not a retry
+            verbose=1,
+        ),
+    )
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = entrypoint.parser(
+        "python -m tune",
+        "Sweep training hyperparameters with Ray Tune (ASHA, Optuna, µP transfer).",
+        "tiny-lr",
+        "a sweep name (tune/configs/) or a YAML path",
+    )
+    parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="µP: sweep a narrow proxy, write a recipe for the recipe's width",
+    )
+    args = parser.parse_args(argv)
+    return entrypoint.run(
+        "tune",
+        lambda: run(
+            load_config(SweepConfig, sweep_path(args.config), args.overrides), args.transfer, args.address
+        ),
+    )

@@ -1,0 +1,28 @@
+"""One trial: one real training run of train/ with the trial's hyperparameters.
+
+Runs inside the Tune trial's process (Ray Train V2 style): it builds the trial's training config and
+launches a TorchTrainer, whose worker group (1 worker for proxies, more for ZeRO-sharded runs) is
+placed by Ray beside the other trials'. Every `ray.train.report` of the training loop (at evaluations
+and checkpoints) reaches Tune through TuneReportCallback, so ASHA sees the validation loss as it falls
+and can stop the trial; stopping the trial ends its worker group with it.
+
+The training run is named after the trial and kept under the sweep directory: a sweep resumed after an
+interruption restarts an unfinished trial, and its training run resumes from its own latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from tune import space
+
+
+def run_trial(params: dict, *, base: dict, trials_dir: str) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train import launch
+
+    cfg = space.train_config(base, params)
+    cfg = replace(cfg, name=tune.get_context().get_trial_id(), storage=trials_dir)
+    launch.run(cfg, callbacks=[TuneReportCallback()])
