@@ -142,7 +142,8 @@ def start_head(num_cpus: int | None = None, num_gpus: int | None = None, wait_s:
     ensure_token()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # an embedded cluster's, when this process has one
+        env.pop(name, None)
     port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(7))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     command = [

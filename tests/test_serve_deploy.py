@@ -104,6 +104,7 @@ def test_odyssey_serve_then_redeploy_new_model_under_load(
     new_config = tmp_path / "serve.yaml"
     new_config.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the session cluster's (tests/conftest.py), not this one's
     with SteadyLoad(up["url"]) as load:
         time.sleep(2)
         deploy = subprocess.run(

@@ -210,7 +210,8 @@ def head_node():
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
     }
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # the session cluster's: not this head's
+        env.pop(name, None)
     try:
         yield head.dashboard_url, env
     finally:
