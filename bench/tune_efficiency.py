@@ -8,6 +8,7 @@ time, on an embedded cluster). One search space, 6 learning rates x 2 warm-ups =
   optuna + ASHA   TPE proposes 8 points of the same space; ASHA (rungs at 1/12, 1/4 and 3/4 of the
                   tokens, keep the best third) stops the laggards
   random + ASHA   the same budget with random proposals (the baseline of the search itself)
+  optuna + ASHA, budget   as optuna + ASHA, the sweep stopped at 30% of the grid's tokens (budget.tokens)
 Figures: the best validation loss each found (its best trial that trained all its tokens) and the tokens
 all its trials trained together. Target: optuna + ASHA within 2% of the grid's loss at <= 30% of its tokens.
 
@@ -44,7 +45,9 @@ MUP_LRS = [2.0**k for k in range(-12, -4)]  # 2.4e-4 ... 3.1e-2, a x2 grid
 # --- part 1: sweeps ----------------------------------------------------------------------------------
 
 
-def sweep_config(name: str, algorithm: str, scheduler: str, trials: int, steps: int):
+def sweep_config(
+    name: str, algorithm: str, scheduler: str, trials: int, steps: int, tokens: int | None = None
+):
     from odyssey.config import from_dict
     from tune.config import SweepConfig
 
@@ -67,24 +70,29 @@ def sweep_config(name: str, algorithm: str, scheduler: str, trials: int, steps: 
             },
             "search": {"algorithm": algorithm, "seed": 0},
             "scheduler": {"kind": scheduler, "grace_fraction": 1 / 12, "reduction_factor": 3},
-            "budget": {"trials": trials},
+            "budget": {"trials": trials, "tokens": tokens},
             "trial": {"workers": 1, "max_concurrent": 2},
         },
     )
 
 
-def run_sweeps(steps: int, trials: int) -> dict:
+SWEEPS = ("grid", "optuna-asha", "random-asha", "optuna-asha-budget")
+
+
+def run_sweeps(steps: int, trials: int, names: tuple[str, ...], previous: dict) -> dict:
+    """Each named sweep afresh; the others as the previous run left them. `*-budget`: the same sweep with
+    budget.tokens = 30% of the grid's tokens (the sweep stops once its trials have trained that many)."""
     from tune import sweep
 
-    out = {}
-    for name, algorithm, scheduler, n in (
-        ("grid", "grid", "fifo", 1),
-        ("optuna-asha", "optuna", "asha", trials),
-        ("random-asha", "random", "asha", trials),
-    ):
+    out = dict(previous)
+    grid_tokens = 12 * steps * 2048  # every point of the space, full length
+    for name in names:
+        algorithm, scheduler = ("grid", "fifo") if name == "grid" else (name.split("-")[0], "asha")
+        n = 1 if name == "grid" else trials
+        tokens = int(0.3 * grid_tokens) if name.endswith("-budget") else None
         shutil.rmtree(WORK / name, ignore_errors=True)
         t0 = time.perf_counter()
-        summary = sweep.run(sweep_config(name, algorithm, scheduler, n, steps))
+        summary = sweep.run(sweep_config(name, algorithm, scheduler, n, steps, tokens))
         rows = json.loads((Path(summary["sweep_dir"]) / "trials.json").read_text())
         out[name] = {
             "best_val_loss": summary["best"]["val_loss"] if summary["best"] else None,
@@ -99,9 +107,10 @@ def run_sweeps(steps: int, trials: int) -> dict:
             flush=True,
         )
     grid = out["grid"]
-    for name in ("optuna-asha", "random-asha"):
-        out[name]["loss_vs_grid"] = out[name]["best_val_loss"] / grid["best_val_loss"] - 1
-        out[name]["tokens_vs_grid"] = out[name]["tokens"] / grid["tokens"]
+    for name in out:
+        if name != "grid":
+            out[name]["loss_vs_grid"] = out[name]["best_val_loss"] / grid["best_val_loss"] - 1
+            out[name]["tokens_vs_grid"] = out[name]["tokens"] / grid["tokens"]
     return out
 
 
@@ -237,6 +246,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48, help="training steps of one full trial")
     parser.add_argument("--trials", type=int, default=8, help="trials of each ASHA sweep")
     parser.add_argument("--mup-steps", type=int, default=120)
+    parser.add_argument(
+        "--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS), help="which sweeps to run (part 1)"
+    )
     args = parser.parse_args()
 
     previous = report.RESULTS / "tune_efficiency.json"
@@ -248,7 +260,9 @@ def main() -> None:
 
         cluster.connect(num_cpus=max(os.cpu_count() or 1, 5))
         try:
-            figures["sweeps"] = run_sweeps(args.steps, args.trials)
+            figures["sweeps"] = run_sweeps(
+                args.steps, args.trials, tuple(args.sweeps), figures.get("sweeps", {})
+            )
         finally:
             cluster.disconnect()
     if args.part in ("mup", "both"):
@@ -265,14 +279,14 @@ def main() -> None:
                 "reference",
             )
         )
-        for name in ("optuna-asha", "random-asha"):
+        for name in (n for n in SWEEPS[1:] if n in s):
             r = s[name]
             table.append(
                 (
                     f"{name}: best val loss vs grid / tokens vs grid",
                     f"{r['best_val_loss']:.4f} ({r['loss_vs_grid']:+.1%}) / {r['tokens']:,} ({r['tokens_vs_grid']:.0%})",
                     _verdict("within 2% at <= 30%", r["loss_vs_grid"] <= 0.02 and r["tokens_vs_grid"] <= 0.30)
-                    if name == "optuna-asha"
+                    if name.startswith("optuna")
                     else "baseline",
                 )
             )
