@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from odyssey import cluster, entrypoint
+from odyssey.atomic import write_text
 from odyssey.config import flatten_keys, from_dict, load_config, read_yaml, set_values, to_dict
 from odyssey.errors import ConfigError
 from odyssey.model import ModelConfig
@@ -165,8 +166,7 @@ def _claim(p: Plan) -> None:
                 f"another name (--set name=...) or remove that directory"
             )
         return
-    p.sweep_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+    write_text(path, yaml.safe_dump(record, sort_keys=False))
 
 
 def _prepare_data(p: Plan) -> None:

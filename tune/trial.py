@@ -12,8 +12,6 @@ interruption restarts an unfinished trial, and its training run resumes from its
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from tune import space
 
 
@@ -23,6 +21,5 @@ def run_trial(params: dict, *, base: dict, trials_dir: str) -> None:
 
     from train import launch
 
-    cfg = space.train_config(base, params)
-    cfg = replace(cfg, name=tune.get_context().get_trial_id(), storage=trials_dir)
-    launch.run(cfg, callbacks=[TuneReportCallback()])
+    run = {"name": tune.get_context().get_trial_id(), "storage": trials_dir}
+    launch.run(space.train_config(base, {**params, **run}), callbacks=[TuneReportCallback()])
