@@ -8,6 +8,8 @@
     odyssey tune --config SWEEP [--set k=v ...] [--transfer]  (= python -m tune)
     odyssey export CHECKPOINT_OR_RUN --out DIR [--best]
     odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve stop
+    odyssey cluster check [FILE ...]                    (`ray up` configs, KubeRay manifests)
+    odyssey cluster local-up [--config cluster/fake-gpu.yaml]  |  odyssey cluster local-down
     odyssey demo [--set k=v ...]
 
 Errors a user can fix are printed as one line `odyssey: error: ...` with exit status 2.
@@ -105,6 +107,20 @@ def _parser() -> argparse.ArgumentParser:
         "--address", help="a cluster's dashboard URL (default: RAY_DASHBOARD_ADDRESS, else a local cluster)"
     )
     _add_set(serve)
+
+    clusters = sub.add_parser(
+        "cluster", help="check cluster files; a local autoscaling cluster of fake GPU nodes"
+    )
+    cluster_sub = clusters.add_subparsers(dest="cluster_command", required=True)
+    check = cluster_sub.add_parser(
+        "check", help="validate `ray up` configs (Ray's schema, then ours) and KubeRay manifests"
+    )
+    check.add_argument("files", nargs="*", type=Path, help="default: every file under cluster/")
+    up = cluster_sub.add_parser(
+        "local-up", help="a head on loopback whose autoscaler adds fake GPU nodes here"
+    )
+    up.add_argument("--config", type=Path, help="a fake_multinode config (default: cluster/fake-gpu.yaml)")
+    cluster_sub.add_parser("local-down", help="stop the local cluster and every node it added")
     return parser
 
 
@@ -190,6 +206,25 @@ def _serve(args) -> dict:
     )
 
 
+def _cluster_check(args) -> dict:
+    from odyssey import cluster_files
+
+    files = args.files or cluster_files.default_files()
+    return {"checked": [cluster_files.check(f) for f in files]}
+
+
+def _cluster_local_up(args) -> dict:
+    from odyssey import cluster, cluster_files
+
+    return cluster.local_up(args.config or cluster_files.CLUSTER_DIR / "fake-gpu.yaml")
+
+
+def _cluster_local_down(args) -> dict:
+    from odyssey import cluster
+
+    return cluster.local_down()
+
+
 def _demo(args) -> dict:
     from odyssey.config import load_config
     from odyssey.demo import DemoConfig, run
@@ -205,6 +240,9 @@ COMMANDS = {
     ("export", None): _export,
     ("demo", None): _demo,
     ("serve", None): _serve,
+    ("cluster", "check"): _cluster_check,
+    ("cluster", "local-up"): _cluster_local_up,
+    ("cluster", "local-down"): _cluster_local_down,
 }
 
 

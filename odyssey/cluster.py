@@ -8,6 +8,7 @@ of the process (the entry points call it first).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import secrets
@@ -23,7 +24,12 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 from odyssey.errors import OdysseyError
+
+# "0": Ray's single-machine mode (its default on macOS): node addresses stay on loopback.
+SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -33,6 +39,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address and address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]"):
+        # A head on loopback (start_head): without this Ray rewrites the address to the machine's own.
+        os.environ.setdefault(SINGLE_MACHINE, "0")
     token = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else _token_file()  # where it is, or None
     if not address:
         if token is None:  # this embedded cluster's own token, for this process alone
@@ -79,6 +88,11 @@ def disconnect() -> None:
 def _token_file() -> str | None:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     return path if os.path.isfile(path) else None
+
+
+def home() -> Path:
+    """Where Odyssey's commands remember the local clusters they started (ODYSSEY_HOME, ~/.odyssey)."""
+    return Path(os.environ.get("ODYSSEY_HOME", Path.home() / ".odyssey"))
 
 
 def free_port() -> int:
@@ -135,15 +149,25 @@ def ensure_token() -> None:
     print(f"wrote a new Ray auth token to {path}", file=sys.stderr)
 
 
-def start_head(num_cpus: int | None = None, num_gpus: int | None = None, wait_s: float = 120) -> LocalHead:
+def start_head(
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    wait_s: float = 120,
+    autoscaling: dict | None = None,
+) -> LocalHead:
     """Start a head node on loopback with token auth, the dashboard, and ports of its own (so that it
     can run beside any other cluster on the machine). It runs in a session of its own: it outlives
-    this process until stop_head."""
+    this process until stop_head. `autoscaling`: a `ray up`-style config for the head's autoscaler (the
+    fake_multinode provider adds and removes worker nodes on this machine)."""
     ensure_token()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # an embedded cluster's, when this process has one
         env.pop(name, None)
+    # `ray start` turns --node-ip-address=127.0.0.1 into the machine's network address, and the servers
+    # then listen on every interface. Ray's single-machine mode (what it does on macOS) keeps the node's
+    # address, and every server, on loopback: for this head and for any node its autoscaler starts here.
+    env[SINGLE_MACHINE] = "0"
     port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(7))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     command = [
@@ -157,6 +181,16 @@ def start_head(num_cpus: int | None = None, num_gpus: int | None = None, wait_s:
         command.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         command.append(f"--num-gpus={num_gpus}")
+    if autoscaling is not None:
+        autoscaling = copy.deepcopy(autoscaling)
+        if autoscaling["provider"]["type"] == "fake_multinode":
+            env["RAY_FAKE_CLUSTER"] = "1"
+            env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "2")  # a laptop's nodes start in seconds
+            # Its nodes join the head's GCS here (the provider assumes port 6379 otherwise).
+            autoscaling["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+        path = Path(temp_dir) / "autoscaling.yaml"
+        path.write_text(yaml.safe_dump(autoscaling, sort_keys=False), encoding="utf-8")
+        command.append(f"--autoscaling-config={path}")
     with open(Path(temp_dir) / "head.log", "wb") as log:
         proc = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -171,8 +205,11 @@ def start_head(num_cpus: int | None = None, num_gpus: int | None = None, wait_s:
     return head
 
 
-def stop_head(head: LocalHead, timeout: float = 60) -> None:
-    """SIGTERM to `ray start --block` stops every process it started."""
+def stop_head(head: LocalHead, timeout: float = 10) -> None:
+    """SIGTERM to `ray start --block` stops every process it started, in order (all at once, raylets
+    wait for a GCS that is gone); after a job it can take half a minute. Whatever is left of its session
+    after `timeout` is killed: slow stragglers, and the nodes its autoscaler started (fake_multinode),
+    which outlive it. A local cluster keeps no state worth a longer wait."""
     if head.alive():
         os.kill(head.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -180,7 +217,27 @@ def stop_head(head: LocalHead, timeout: float = 60) -> None:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(head.pid, os.WNOHANG)  # reap it when it is our child
             time.sleep(0.2)
+    for pid in session_processes(head.pid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while session_processes(head.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Processes of a session (a head's `ray start` and everything it and its nodes started)."""
+    pids = []
+    if not Path("/proc").is_dir():  # not Linux: `ray start --block` alone
+        return pids
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not reaped
+                if os.getsid(int(entry.name)) == session_id and not zombie:
+                    pids.append(int(entry.name))
+    return pids
 
 
 def _answers(url: str) -> bool:
@@ -192,3 +249,53 @@ def _answers(url: str) -> bool:
     except OSError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# `odyssey cluster local-up | local-down`: an autoscaling cluster of fake GPU nodes on this machine
+
+
+def local_state_file() -> Path:
+    return home() / "local-cluster.json"
+
+
+def local_up(config_path: Path) -> dict:
+    """Start a head on loopback with token auth whose autoscaler adds and removes the worker nodes of
+    `config_path` (cluster/fake-gpu.yaml: fake GPUs, real Ray nodes) on this machine."""
+    from odyssey import cluster_files
+
+    head = LocalHead.load(local_state_file())
+    if head is not None and head.alive():
+        raise OdysseyError(
+            f"a local cluster is already up (dashboard {head.dashboard_url}); stop it with `odyssey cluster local-down`"
+        )
+    ensure_token()  # before Ray is imported (the check below imports it)
+    summary = cluster_files.check(config_path)
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    if config["provider"]["type"] != "fake_multinode":
+        raise OdysseyError(
+            f"{config_path}: local-up runs fake_multinode configs (cluster/fake-gpu.yaml); use `ray up` for {config['provider']['type']}"
+        )
+    resources = config["available_node_types"][config["head_node_type"]]["resources"]
+    print("starting a local autoscaling cluster (loopback, token auth)...", file=sys.stderr)
+    head = start_head(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), autoscaling=config)
+    head.save(local_state_file())
+    token = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else _token_file()
+    return {
+        "dashboard": head.dashboard_url,
+        "address": head.gcs_address,
+        "token": token,
+        "node_types": summary["node_types"],
+        "submit": f"RAY_AUTH_MODE=token ray job submit --address {head.dashboard_url} --working-dir . -- "
+        "python -m train --config tiny-fake-gpu --set storage=$PWD/runs",
+        "stop": "odyssey cluster local-down",
+    }
+
+
+def local_down() -> dict:
+    head = LocalHead.load(local_state_file())
+    if head is None:
+        raise OdysseyError("no local cluster to stop: none was started by `odyssey cluster local-up`")
+    stop_head(head)
+    local_state_file().unlink(missing_ok=True)
+    return {"stopped": head.dashboard_url}

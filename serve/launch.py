@@ -33,7 +33,7 @@ APP = "odyssey"
 
 def state_file() -> Path:
     """Where `odyssey serve` remembers the local cluster it started."""
-    return Path(os.environ.get("ODYSSEY_HOME", Path.home() / ".odyssey")) / "serve-cluster.json"
+    return cluster.home() / "serve-cluster.json"
 
 
 def serve_config(config_path: Path, model: Path, port: int | None, overrides: list[str]) -> dict:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +82,23 @@ def exported_models(tmp_path_factory, tokenizer):
         model = Transformer(replace(tiny(), vocab_size=pad_vocab(tokenizer.vocab_size), max_seq_len=256))
         paths.append(artifact.save_model(out / f"tiny-{seed}", model, tokenizer))
     return paths
+
+
+@pytest.fixture
+def submit_job():
+    """`ray job submit --working-dir <repo>` as users run it, returning the finished CLI process. The
+    dashboard answers a little before the head's job agent does: retried while it says so."""
+
+    def submit(address: str, env: dict, flags: list[str], entrypoint: list[str], timeout: float = 600):
+        command = [
+            f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", address,
+            "--working-dir", str(Path(__file__).resolve().parent.parent), *flags, "--", *entrypoint,
+        ]  # fmt: skip
+        for _ in range(30):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+            if "No available agent" not in done.stdout + done.stderr:
+                break
+            time.sleep(2)
+        return done
+
+    return submit

@@ -219,21 +219,13 @@ def head_node():
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_and_reports(head_node, blocks_dir, corpus_dir, tmp_path):
+def test_ray_job_submit_trains_and_reports(head_node, blocks_dir, corpus_dir, tmp_path, submit_job):
     url, env = head_node
     token = {"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
     assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code == 401  # no token, no entry
     args = settings(corpus_dir, tmp_path, "job", "steps=6", "checkpoint_every=6", "eval_every=6")
-    command = [
-        f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", url, "--working-dir", str(REPO),
-        "--submission-id", "odyssey-test", "--", "python", "-m", "train", "--config", "tiny-cpu",
-        *[a for s in args for a in ("--set", s)],
-    ]  # fmt: skip
-    for _ in range(20):  # the dashboard answers a little before the node's job agent does
-        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in submit.stdout + submit.stderr:
-            break
-        time.sleep(2)
+    train = ["python", "-m", "train", "--config", "tiny-cpu", *[a for s in args for a in ("--set", s)]]
+    submit = submit_job(url, env, ["--submission-id", "odyssey-test"], train)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     info = httpx.get(f"{url}/api/jobs/odyssey-test", headers=token, timeout=10).json()
     assert info["status"] == "SUCCEEDED"

@@ -13,11 +13,11 @@ from train.engine import deepspeed_config
 
 
 def test_every_recipe_loads_and_its_batch_adds_up():
-    for name in ("tiny-cpu", "small-cpu", "gpt-125m", "gpt-350m", "gpt-1.3b"):
+    for name in ("tiny-cpu", "tiny-fake-gpu", "small-cpu", "gpt-125m", "gpt-350m", "gpt-1.3b"):
         cfg = load_config(TrainConfig, recipe_path(name))
         per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.scaling.workers * cfg.grad_accum_steps
         assert per_step == cfg.global_batch_tokens, name
-        ds = deepspeed_config(cfg)
+        ds = deepspeed_config(cfg, cuda=cfg.scaling.use_gpu)
         assert ds["train_batch_size"] * cfg.data.seq_len == cfg.global_batch_tokens
 
 
@@ -31,6 +31,8 @@ def test_every_recipe_loads_and_its_batch_adds_up():
         (["deepspeed.zero_stage=4"], r"deepspeed.zero_stage: 4 .* is not one of 0, 1, 2, 3"),
         (["deepspeed.offload_params=true"], r"offload_params needs zero_stage 3"),
         (["scaling.workers=0"], r"workers must be >= 1"),
+        (["scaling.backend=nccl"], r"backend nccl needs GPU workers: set use_gpu=true"),
+        (["scaling.backend=mpi"], r"scaling.backend: 'mpi' .* is not one of 'auto', 'nccl', 'gloo'"),
         (["optim.lerning_rate=1"], r"unknown field 'optim.lerning_rate'"),
         (["data.mixture.translate=1"], r"mixture: unknown task 'translate'"),
     ],
@@ -54,8 +56,10 @@ def test_deepspeed_config_follows_ours():
             "global_batch_tokens=8192",
         ],
     )
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg, cuda=False)
     assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["overlap_comm"] is False  # CPU workers: no streams to overlap on
+    assert ds["zero_optimization"]["offload_param"]["pin_memory"] is False
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds

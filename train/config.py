@@ -83,8 +83,11 @@ class DeepSpeedConfig:
 @dataclass
 class ScalingConfig:
     workers: int = 2
-    use_gpu: bool = False
+    use_gpu: bool = False  # reserve one GPU per worker (training uses CUDA where the worker has it)
     cpus_per_worker: float = 1.0
+    # torch.distributed backend. auto: NCCL for GPU workers, gloo for CPU ones. gloo with use_gpu: GPUs
+    # reserved but no CUDA behind them, as on the fake-GPU cluster (cluster/fake-gpu.yaml).
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     # Cluster check before start: with an autoscaler the cluster may grow to fit, so only
     # `autoscaling: false` clusters are held to what they have now.
     autoscaling: bool = False
@@ -94,6 +97,8 @@ class ScalingConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("cpus_per_worker must be positive")
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ConfigError("backend nccl needs GPU workers: set use_gpu=true, or backend auto or gloo")
 
 
 @dataclass

@@ -20,16 +20,17 @@ def loop_clips_gradients(cfg: TrainConfig) -> bool:
     return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
+def deepspeed_config(cfg: TrainConfig, cuda: bool) -> dict:
+    """`cuda`: whether this worker trains on a CUDA device (a reserved GPU may have none behind it)."""
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
         # Overlapping communication with compute pays off on GPUs; on CPU/gloo it only adds threads.
-        zero.update(contiguous_gradients=True, overlap_comm=cfg.scaling.use_gpu)
+        zero.update(contiguous_gradients=True, overlap_comm=cuda)
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
@@ -69,5 +70,7 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig):
     optimizer = optim.adamw(
         model, cfg.optim.lr, cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2)
     )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, torch.cuda.is_available())
+    )
     return engine, model, flops_per_token

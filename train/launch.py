@@ -77,7 +77,7 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
     check_resources(cfg)
 
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from train.loop import train_loop_per_worker
 
@@ -87,11 +87,13 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
         (run_dir / "config.yaml").write_text(
             yaml.safe_dump({**to_dict(cfg), "model": model}, sort_keys=False)
         )
+    train_data.keep_data_stats_on_driver_node()
     datasets = train_data.build_datasets(cfg, list(weights))
     validation = train_data.read_validation(cfg)
     train_names = [train_data.dataset_name("train", t) for t in weights]
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=TorchConfig(backend=None if cfg.scaling.backend == "auto" else cfg.scaling.backend),
         train_loop_config={
             "train": to_dict(cfg),
             "model": model,

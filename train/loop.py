@@ -38,7 +38,8 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir, weights = Path(config["run_dir"]), config["mixture"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.scaling.use_gpu:
+    cuda = torch.cuda.is_available()  # a reserved GPU may have no CUDA behind it (the fake-GPU cluster)
+    if not cuda:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -64,6 +65,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     peak = None  # FLOP/s of all devices together, taken at the first log (see below)
     log = RunLog(run_dir, cfg.steps, step, enabled=rank == 0)
+    nodes = [None] * world  # where each rank runs: the record of which machines trained (and a resize's)
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    log.event("resume" if resumed else "start", world_size=world, step=step, tokens=tokens, nodes=nodes)
     nonfinite = torch.zeros((), device=device)
     first_loss = None
     timed_tokens, timed_seconds = 0, 0.0  # steady-state throughput: the first interval is start-up
@@ -113,7 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
         if peak is None:
             # On CPUs the peak is a timed matmul: taken here, with every rank idle at the same moment and
             # start-up (Ray, Ray Data, DeepSpeed) over, so nothing but the matmul competes for the cores.
-            own = peak_flops_per_device(cfg.deepspeed.precision, cfg.scaling.use_gpu, cfg.peak_tflops)
+            own = peak_flops_per_device(cfg.deepspeed.precision, cuda, cfg.peak_tflops)
             peak = _all_sum(own, device)
         rate = steps_since * cfg.global_batch_tokens / seconds
         if first_loss is None:
@@ -130,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": engine.optimizer.param_groups[0]["lr"],
             "tokens_per_s": rate,
             "mfu": flops.mfu(flops_per_token, rate, peak),
-            "memory_gb": _all_max(memory_gb(cfg.scaling.use_gpu), device),
+            "memory_gb": _all_max(memory_gb(cuda), device),
         }
         if grad_norm is not None:  # fp16 loss scaling may skip a step's norm
             metrics["grad_norm"] = float(grad_norm)

@@ -22,11 +22,11 @@ def console(line: str) -> None:
     sys.stderr.flush()
 
 
-def peak_flops_per_device(precision: str, use_gpu: bool, override_tflops: float | None) -> float:
+def peak_flops_per_device(precision: str, cuda: bool, override_tflops: float | None) -> float:
     """The peak MFU divides by. GPU: the table; CPU: a matmul timed here, with this worker's threads."""
     if override_tflops:
         return override_tflops * 1e12
-    if use_gpu:
+    if cuda:
         name = torch.cuda.get_device_name()
         peak = flops.gpu_peak_flops(name, precision)
         if peak is None:
@@ -37,8 +37,8 @@ def peak_flops_per_device(precision: str, use_gpu: bool, override_tflops: float 
     return flops.measure_matmul_flops("fp32" if precision == "fp32" else "bf16", seconds=1.0)
 
 
-def memory_gb(use_gpu: bool) -> float:
-    if use_gpu:
+def memory_gb(cuda: bool) -> float:
+    if cuda:
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
@@ -47,7 +47,7 @@ class RunLog:
     """Rank 0's record of the run. Appends across restarts: a resumed run continues the same files."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
-        self.enabled = enabled
+        self.enabled, self.run_dir = enabled, run_dir
         self.progress = Progress(total_steps, emit=console)
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.writer = None
@@ -76,6 +76,15 @@ class RunLog:
                 self.writer.add_scalar(key, value, step)
         shown = {k: metrics[k] for k in ("loss", "lr", "mfu") if k in metrics}
         self.progress.update(step, tokens, **shown)
+
+    def event(self, kind: str, **fields) -> None:
+        """One line in events.jsonl (and on the console) for what changed the run: a start, a resume."""
+        if not self.enabled:
+            return
+        record = {"event": kind, "time": round(time.time(), 3), **fields}
+        with open(self.run_dir / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        console(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in fields.items() if k != "nodes"))
 
     def close(self) -> None:
         if self.enabled:

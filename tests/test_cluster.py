@@ -1,0 +1,195 @@
+"""A real autoscaling cluster on this machine (`odyssey cluster local-up`, cluster/fake-gpu.yaml): a
+training job that asks for 2 GPU workers makes the autoscaler add 2 nodes, the job runs on them, and
+they leave once idle. The head our tooling starts listens on loopback only and refuses clients
+without the token."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from odyssey import cluster, cluster_files
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def odyssey_cluster(action: str, env: dict) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "odyssey", "cluster", action]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory):
+    """`odyssey cluster local-up` through its CLI, `local-down` at teardown (every node it added too)."""
+    home = tmp_path_factory.mktemp("odyssey-home")
+    env = {
+        **os.environ,
+        "ODYSSEY_HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # the session cluster's: not this head's
+        env.pop(name, None)
+    up = odyssey_cluster("local-up", env)
+    assert up.returncode == 0, up.stderr[-3000:]
+    info = json.loads(up.stdout.strip().splitlines()[-1])
+    head = cluster.LocalHead.load(home / "local-cluster.json")
+    try:
+        yield info, head, env
+    finally:
+        down = odyssey_cluster("local-down", env)
+        assert down.returncode == 0, down.stderr[-2000:]
+        assert not cluster.session_processes(head.pid), "processes of the cluster outlived local-down"
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
+
+
+def alive_nodes(dashboard: str) -> list[dict]:
+    r = httpx.get(f"{dashboard}/api/v0/nodes?limit=100&detail=true", headers=auth(), timeout=10)
+    r.raise_for_status()
+    return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+
+def gpu_workers(nodes: list[dict]) -> list[str]:
+    return sorted(
+        n["node_id"] for n in nodes if not n["is_head_node"] and n["resources_total"].get("GPU", 0) > 0
+    )
+
+
+def listening(pids: list[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of these processes."""
+    out = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for c in proc.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((c.laddr.ip, c.laddr.port, proc.name()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def test_head_listens_on_loopback_only_and_refuses_clients_without_the_token(fake_cluster, tmp_path):
+    _, head, env = fake_cluster
+    sockets = listening(cluster.session_processes(head.pid))
+    ports = {port for _, port, _ in sockets}
+    assert (
+        int(head.gcs_address.rsplit(":", 1)[1]) in ports
+        and int(head.dashboard_url.rsplit(":", 1)[1]) in ports
+    )
+    exposed = [s for s in sockets if s[0] not in LOOPBACK]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    again = odyssey_cluster("local-up", env)  # one local cluster at a time, and it says where it is
+    assert again.returncode == 2 and f"already up (dashboard {head.dashboard_url})" in again.stderr
+
+    # HTTP (jobs API, dashboard): no token or a wrong one is refused; the right one is let in.
+    jobs = f"{head.dashboard_url}/api/jobs/"
+    assert httpx.get(jobs, timeout=10).status_code == 401
+    assert httpx.get(jobs, headers={"Authorization": "Bearer not-the-token"}, timeout=10).status_code in (
+        401,
+        403,
+    )
+    assert httpx.get(jobs, headers=auth(), timeout=10).status_code == 200
+
+    # The CLI and a driver over gRPC, from a home without the token: refused; with it: in.
+    tokenless = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    tokenless.update(HOME=str(tmp_path), RAY_AUTH_MODE="token", **{cluster.SINGLE_MACHINE: "0"})
+    submit = [
+        f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", head.dashboard_url, "--", "echo", "hi",
+    ]  # fmt: skip
+    refused = subprocess.run(submit, env=tokenless, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    wrong = subprocess.run(
+        submit,
+        env={**tokenless, "RAY_AUTH_TOKEN": "not-the-token"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong.returncode != 0
+    assert httpx.get(jobs, headers=auth(), timeout=10).json() == []  # no job got in
+    driver = [sys.executable, "-c", f"import ray; ray.init(address='{head.gcs_address}'); print('joined')"]
+    no_token = subprocess.run(driver, env=tokenless, capture_output=True, text=True, timeout=120)
+    assert no_token.returncode != 0 and "joined" not in no_token.stdout
+    with_token = subprocess.run(
+        driver,
+        env={**tokenless, "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "joined" in with_token.stdout, with_token.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_gpu_job_scales_the_cluster_up_runs_on_the_new_nodes_and_they_leave_when_idle(
+    fake_cluster, corpus_dir, blocks_dir, tmp_path, submit_job
+):
+    info, head, env = fake_cluster
+    dashboard = info["dashboard"]
+    idle_s = (
+        60 * yaml.safe_load((cluster_files.CLUSTER_DIR / "fake-gpu.yaml").read_text())["idle_timeout_minutes"]
+    )
+    deadline = time.monotonic() + 60
+    while not alive_nodes(dashboard):  # the head registers a moment after its dashboard answers
+        assert time.monotonic() < deadline, "the head never showed up in the node list"
+        time.sleep(1)
+    assert gpu_workers(alive_nodes(dashboard)) == []  # GPU workers start at 0
+
+    sets = [
+        "name=fake-gpu", f"storage={tmp_path}", f"data.corpus={corpus_dir}", "data.prepare=false",
+        "steps=6", "log_every=1", "eval_every=6", "checkpoint_every=6",
+    ]  # fmt: skip
+    train = ["python", "-m", "train", "--config", "tiny-fake-gpu", *[a for s in sets for a in ("--set", s)]]
+    sub = submit_job(
+        dashboard, {**env, "RAY_AUTH_MODE": "token"}, ["--submission-id", "fake-gpu", "--no-wait"], train
+    )
+    assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-2000:]
+
+    # Node counts over time, while the job runs and after it ends.
+    timeline, seen, exposed, start, ended = [], set(), [], time.monotonic(), None
+    while True:
+        now = time.monotonic() - start
+        workers = gpu_workers(alive_nodes(dashboard))
+        seen.update(workers)
+        status = httpx.get(f"{dashboard}/api/jobs/fake-gpu", headers=auth(), timeout=10).json()["status"]
+        timeline.append((round(now, 1), len(workers), status))
+        if len(workers) == 2 and not exposed:  # the added nodes listen on loopback only, like the head
+            exposed = [s for s in listening(cluster.session_processes(head.pid)) if s[0] not in LOOPBACK] or [
+                None
+            ]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") and ended is None:
+            ended, at_end = now, len(workers)
+        if ended is not None and not workers:
+            break
+        assert now < 420, f"timeline (s, GPU workers, job): {timeline}"
+        time.sleep(1)
+    print("timeline (s since submit, GPU workers, job):", timeline)  # shown with pytest -s
+    logs = httpx.get(f"{dashboard}/api/jobs/fake-gpu/logs", headers=auth(), timeout=10).json()["logs"]
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert max(n for _, n, _ in timeline) == 2, timeline  # the autoscaler added exactly the 2 asked for
+    assert exposed == [None], exposed
+    gone = next(t for t, n, _ in timeline if t > ended and n == 0)
+    assert at_end == 2, timeline  # still there when the job ended ...
+    assert gone - ended < idle_s + 60, timeline  # ... and gone after the idle timeout
+
+    # The job ran on the added nodes: the run's record of where each rank trained.
+    summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_dir"')][-1])
+    assert summary["steps"] == 6 and summary["final_loss"] < summary["first_loss"]
+    events = [
+        json.loads(line) for line in (Path(summary["run_dir"]) / "events.jsonl").read_text().splitlines()
+    ]
+    assert events[0]["event"] == "start" and events[0]["world_size"] == 2
+    assert sorted(events[0]["nodes"]) == sorted(seen), (events, seen)  # two ranks, the two added nodes
