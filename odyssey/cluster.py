@@ -271,10 +271,10 @@ def local_up(config_path: Path) -> dict:
         )
     ensure_token()  # before Ray is imported (the check below imports it)
     summary = cluster_files.check(config_path)
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    if config["provider"]["type"] != "fake_multinode":
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))  # a single mapping: check() said so
+    if summary["kind"] != "ray up (fake_multinode)":
         raise OdysseyError(
-            f"{config_path}: local-up runs fake_multinode configs (cluster/fake-gpu.yaml); use `ray up` for {config['provider']['type']}"
+            f"{config_path}: local-up runs fake_multinode configs (cluster/fake-gpu.yaml); use `ray up` for it"
         )
     resources = config["available_node_types"][config["head_node_type"]]["resources"]
     print("starting a local autoscaling cluster (loopback, token auth)...", file=sys.stderr)
