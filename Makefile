@@ -11,7 +11,7 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-.PHONY: demo test lint bench bench-train bench-serve bench-tune setup clean
+.PHONY: demo test lint bench bench-train bench-serve bench-tune bench-elastic setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -34,6 +34,9 @@ bench-serve: $(STAMP)  # ~10 minutes on 2 cores
 
 bench-tune: $(STAMP)  # ~25 minutes on 2 cores
 	$(BIN)/python bench/tune_efficiency.py $(ARGS)
+
+bench-elastic: $(STAMP)  # ~6 minutes on 2 cores
+	$(BIN)/python bench/elastic.py $(ARGS)
 
 setup: $(STAMP)
 

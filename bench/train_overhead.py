@@ -89,7 +89,7 @@ def median_step_rate(layer: str, corpus: str, steps: int, warmup: int) -> float:
             os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ["MASTER_PORT"] = str(cluster.free_port())
             deepspeed.init_distributed("gloo")
-        engine, model, _ = build_engine(cfg, model_cfg)
+        engine, model, _ = build_engine(cfg, model_cfg, world=1)
 
         def step(x, y, m):
             loss = engine(x, y, m)

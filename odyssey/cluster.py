@@ -184,10 +184,15 @@ def start_head(
     if autoscaling is not None:
         autoscaling = copy.deepcopy(autoscaling)
         if autoscaling["provider"]["type"] == "fake_multinode":
+            from odyssey import fake_nodes
+
             env["RAY_FAKE_CLUSTER"] = "1"
             env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "2")  # a laptop's nodes start in seconds
-            # Its nodes join the head's GCS here (the provider assumes port 6379 otherwise).
-            autoscaling["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+            # Its nodes join the head's GCS here (the provider assumes port 6379 otherwise), each with a
+            # runtime-env directory of its own (odyssey/fake_nodes.py says why).
+            autoscaling["provider"].update(
+                type="external", module=fake_nodes.MODULE, gcs_address=f"127.0.0.1:{port}"
+            )
         path = Path(temp_dir) / "autoscaling.yaml"
         path.write_text(yaml.safe_dump(autoscaling, sort_keys=False), encoding="utf-8")
         command.append(f"--autoscaling-config={path}")

@@ -170,8 +170,12 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass config as plain data (what YAML, JSON and Ray's param spaces hold)."""
-    return dataclasses.asdict(cfg)
+    """A dataclass config as plain data (what YAML, JSON and Ray's param spaces hold): tuples become lists."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

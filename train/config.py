@@ -1,7 +1,9 @@
 """The training config: one typed dataclass per concern, a named recipe per YAML file in configs/.
 
 Batch arithmetic is checked here, before any worker starts: the global batch is given in tokens and
-must split evenly into micro_batch_size x seq_len x workers x gradient-accumulation steps.
+must split evenly into micro_batch_size x seq_len x workers x gradient-accumulation steps, at every
+world size an elastic run (`workers: [min, max]`) may take: the accumulation steps are recomputed at
+each (re)start so that the global batch, and with it the training curve, does not change with the size.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ class DeepSpeedConfig:
 
 @dataclass
 class ScalingConfig:
-    workers: int = 2
+    # N, or [min, max]: an elastic run starts with as many workers as the cluster holds (at least min),
+    # and Ray Train restarts it at another size when workers are lost or capacity is added.
+    workers: int | tuple[int, int] = 2
     use_gpu: bool = False  # reserve one GPU per worker (training uses CUDA where the worker has it)
     cpus_per_worker: float = 1.0
     # torch.distributed backend. auto: NCCL for GPU workers, gloo for CPU ones. gloo with use_gpu: GPUs
@@ -91,14 +95,36 @@ class ScalingConfig:
     # Cluster check before start: with an autoscaler the cluster may grow to fit, so only
     # `autoscaling: false` clusters are held to what they have now.
     autoscaling: bool = False
+    # Elastic runs: how often Ray Train asks whether the worker group could grow (a resize restarts the
+    # group from the latest checkpoint, so growing costs up to a checkpoint interval of work).
+    resize_check_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
+        if isinstance(self.workers, (list, tuple)):
+            low, high = self.workers
+            if low < 1 or high < low:
+                raise ConfigError(f"workers: [min, max] needs 1 <= min <= max, got [{low}, {high}]")
+            self.workers = (low, high) if low < high else low
+        elif self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.resize_check_s <= 0:
+            raise ConfigError(f"resize_check_s must be positive, got {self.resize_check_s}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("cpus_per_worker must be positive")
         if self.backend == "nccl" and not self.use_gpu:
             raise ConfigError("backend nccl needs GPU workers: set use_gpu=true, or backend auto or gloo")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if self.elastic else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if self.elastic else self.workers
 
 
 @dataclass
@@ -118,7 +144,9 @@ class TrainConfig:
     eval_blocks: int = 16  # validation blocks per task
     checkpoint_every: int = 30
     keep_checkpoints: int = 2  # best by validation loss; the latest is always kept too
-    max_failures: int = 0  # worker-group restarts from the latest checkpoint
+    max_failures: int = (
+        0  # worker-group restarts from the latest checkpoint after a worker dies; -1: no limit
+    )
     peak_tflops: float | None = None  # per device, for MFU; None: table (GPU) or measured (CPU)
     seed: int = 0
 
@@ -133,23 +161,47 @@ class TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        self.grad_accum_steps  # noqa: B018  (checks the batch arithmetic now)
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures must be >= 0, or -1 for no limit; got {self.max_failures}")
+        sizes = range(self.scaling.min_workers, self.scaling.max_workers + 1)
+        bad = [w for w in sizes if self.global_batch_tokens % self.tokens_per_micro_step(w)]
+        if bad and not self.scaling.elastic:
+            self.grad_accum_steps(bad[0])  # the message with the nearest sizes that work
+        if bad:
+            good = [w for w in sizes if w not in bad]
+            raise ConfigError(
+                f"scaling.workers={list(self.scaling.workers)}: global_batch_tokens={self.global_batch_tokens} cannot be "
+                f"kept at {', '.join(map(str, bad))} workers (not a multiple of micro_batch_size x seq_len x workers); "
+                + (f"sizes that keep it: {good}. " if good else "")
+                + "Choose sizes that divide global_batch_tokens / (micro_batch_size x seq_len) = "
+                f"{self.global_batch_tokens / (self.micro_batch_size * self.data.seq_len):g}"
+            )
         if not self.name or "/" in self.name:
             raise ConfigError(f"name {self.name!r} must be a non-empty directory name")
+        if "://" in self.storage:
+            raise ConfigError(
+                f"storage={self.storage!r}: use a file-system path that every node sees (a local disk on one machine; "
+                "NFS, EFS, Filestore or a ReadWriteMany volume on a cluster): checkpoints are published by an "
+                "atomic rename, which object stores do not offer"
+            )
 
     @property
-    def tokens_per_micro_step(self) -> int:
-        """Tokens one forward/backward consumes across all workers."""
-        return self.micro_batch_size * self.data.seq_len * self.scaling.workers
+    def sequences_per_step(self) -> int:
+        """Sequences in one optimizer step, across all workers: the same at every world size."""
+        return self.global_batch_tokens // self.data.seq_len
 
-    @property
-    def grad_accum_steps(self) -> int:
-        per = self.tokens_per_micro_step
+    def tokens_per_micro_step(self, workers: int) -> int:
+        """Tokens one forward/backward consumes across `workers` workers."""
+        return self.micro_batch_size * self.data.seq_len * workers
+
+    def grad_accum_steps(self, workers: int) -> int:
+        """Micro-batches per worker per optimizer step at this world size (the global batch stays fixed)."""
+        per = self.tokens_per_micro_step(workers)
         if self.global_batch_tokens % per:
             lower = max(per, self.global_batch_tokens // per * per)
             raise ConfigError(
                 f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
-                f"workers = {self.micro_batch_size} x {self.data.seq_len} x {self.scaling.workers} = {per}; "
+                f"workers = {self.micro_batch_size} x {self.data.seq_len} x {workers} = {per}; "
                 f"use {lower} or {lower + per}"
             )
         return self.global_batch_tokens // per

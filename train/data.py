@@ -1,16 +1,16 @@
 """Training data: packed blocks (odyssey/data/packing.py) streamed to the workers by Ray Data.
 
-Driver side: one Ray Dataset per task of the mixture. data.load = stream: read lazily from the Parquet
-shards and split across workers (`streaming_split`, equal shards, order preserved so that the split is
-deterministic). data.load = memory: read by the driver; every worker streams it whole and keeps every
-world-th row (no split coordinators to start: small corpora start in seconds). The few validation blocks are read on
-the driver and handed to every worker with the config.
+Driver side: one Ray Dataset per task of the mixture, order preserved. data.load = stream: read lazily
+from the Parquet shards (any size). data.load = memory: read by the driver and streamed from memory (small
+corpora start in seconds). The few validation blocks are read on the driver and handed to every worker
+with the config.
 
-Worker side: a `MixtureLoader` draws each micro-batch's composition (which task each row comes from)
-from the mixture weights with an RNG seeded by (seed, micro-step) alone. Every rank draws the same
-composition, so every rank consumes its shards in lock-step: all ranks reach the end of a task's
-epoch together (streaming_split requires that), and the data position is a few integers per task
-(epoch, rows taken) that a checkpoint stores and a resumed run skips to.
+Worker side: the run has one global order of rows, independent of the world size (`MixtureLoader`):
+every worker streams each task's dataset whole, in the same order, and keeps the rows of its slice of
+each step's batch. Reading everything on every worker costs I/O (world x the corpus per epoch; token
+blocks are cheap to read next to the model's compute) and buys elasticity: the data position is the
+step and the rows taken per task, so a run resumed at another world size trains exactly the tokens
+that come next, none twice, none skipped.
 """
 
 from __future__ import annotations
@@ -76,10 +76,9 @@ def mixture_tasks(cfg: TrainConfig, manifest: dict) -> dict[str, float]:
     for task in TASKS:
         weight = cfg.data.mixture.get(task, 0.0)
         blocks = manifest["counts"][task]["train"]["blocks"]
-        if weight > 0 and blocks < cfg.scaling.workers:
+        if weight > 0 and blocks == 0:
             raise ConfigError(
-                f"data.mixture.{task}: {blocks} train blocks cannot feed {cfg.scaling.workers} workers; "
-                f"give it weight 0 or build a larger corpus"
+                f"data.mixture.{task}: no train blocks; give it weight 0 or build a larger corpus"
             )
         if weight > 0:
             weights[task] = weight
@@ -115,53 +114,66 @@ def build_datasets(cfg: TrainConfig, tasks: list[str]) -> dict:
     return datasets
 
 
-def data_config(cfg: TrainConfig, train_names: list[str]):
-    """stream: streaming_split across workers, order preserved so that the split is deterministic.
-    memory: no split; every worker reads the (small) in-memory dataset and keeps its stride."""
+def data_config():
+    """No split: every worker reads every dataset in the same order and keeps its own rows of the
+    global order (see the module docstring), so the order survives a change of world size."""
     import ray.train
     from ray.data import ExecutionOptions
 
-    split = train_names if cfg.data.load == "stream" else []
-    return ray.train.DataConfig(
-        datasets_to_split=split, execution_options=ExecutionOptions(preserve_order=True)
-    )
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
 
 
 def _files(blocks_dir: Path, task: str, split: str) -> list[str]:
     return [str(p) for p in sorted((blocks_dir / task).glob(f"{split}-*.parquet"))]
 
 
-# --- worker ----------------------------------------------------------------------------------------
+# --- worker ---------------------------------------------------------------------------------------
 
 
 class TaskStream:
-    """Rows of one task, epoch after epoch, each epoch locally shuffled by a seed of its own.
-
-    `stride` = (world, rank) when every worker reads the whole dataset (data.load = memory): the rank
-    keeps rows rank, rank + world, ... of each epoch. Every rank shuffles with the same seed, so the
-    ranks' rows never overlap. With streaming_split (data.load = stream) the shard is already this
-    rank's: stride (1, 0).
-    """
+    """One task's rows in the run's global order: epoch after epoch, each epoch locally shuffled with a seed
+    of its own. Every rank reads the same stream in the same order (the same seeds) and keeps only the
+    rows it is given by global index, so which rank trains which row can change with the world size
+    while the order of rows cannot."""
 
     def __init__(
-        self, shard, task: str, seed: int, shuffle_buffer: int, stride=(1, 0), epoch: int = 0, offset: int = 0
+        self, shard, task: str, seed: int, shuffle_buffer: int, rows_per_epoch: int, position: int = 0
     ):
         self.shard, self.task, self.seed, self.shuffle_buffer = shard, task, seed, shuffle_buffer
-        self.world, self.rank = stride
-        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
-        self._start_epoch(epoch)
-        self._skip = offset  # resume: what this rank already trained on in this epoch
+        self.rows_per_epoch = rows_per_epoch
+        self._position = position  # the global index of the first row this run may ask for
+        self.epoch, self._cursor = -1, 0  # epoch open, index in it of the first row of _batch
+        self._batch: dict | None = None
 
     def start(self) -> None:
-        """Skip to the resume position and have the first rows ready. Starting a Ray Data execution
-        takes a while, so the loader starts every task's stream at once."""
-        for _ in range(self._skip):
-            self.take()
-        self._skip = 0
-        self._fill()
+        """Open the epoch of the resume position and read up to it. Starting a Ray Data execution takes
+        a while, so the loader starts every task's stream at once."""
+        self._seek(*divmod(self._position, self.rows_per_epoch))
 
-    def _start_epoch(self, epoch: int) -> None:
-        self.epoch, self.offset, self._seen = epoch, 0, 0
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The row at global `index`; indices must not go backwards (rows before are skipped)."""
+        epoch, i = divmod(index, self.rows_per_epoch)
+        self._seek(epoch, i)
+        j = i - self._cursor
+        return self._batch["input_ids"][j], self._batch["loss_mask"][j]
+
+    def _seek(self, epoch: int, i: int) -> None:
+        if epoch != self.epoch:
+            if epoch < self.epoch:
+                raise RuntimeError(f"task {self.task}: row order went backwards to epoch {epoch}")
+            self._open(epoch)
+        while self._batch is None or i >= self._cursor + len(self._batch["input_ids"]):
+            if self._batch is not None:
+                self._cursor += len(self._batch["input_ids"])
+            self._batch = next(self._batches, None)
+            if self._batch is None:
+                raise RuntimeError(
+                    f"task {self.task}: epoch {epoch} ended after {self._cursor} rows but the blocks manifest "
+                    f"counts {self.rows_per_epoch}; rebuild the blocks with `odyssey data pack`"
+                )
+
+    def _open(self, epoch: int) -> None:
+        self.epoch, self._cursor, self._batch = epoch, 0, None
         rng = np.random.default_rng([self.seed, TASKS.index(self.task), epoch])
         self._batches = iter(
             self.shard.iter_batches(
@@ -172,71 +184,94 @@ class TaskStream:
             )
         )
 
-    def _fill(self) -> None:
-        while not self._rows:
-            batch = next(self._batches, None)
-            if batch is None:
-                if self.offset == 0:
-                    raise RuntimeError(f"task {self.task}: this worker's shard is empty")
-                self._start_epoch(self.epoch + 1)
-                continue
-            rows = list(zip(batch["input_ids"], batch["loss_mask"]))
-            mine = [row for i, row in enumerate(rows, start=self._seen) if i % self.world == self.rank]
-            self._seen += len(rows)
-            self._rows = mine[::-1]
-
-    def take(self) -> tuple[np.ndarray, np.ndarray]:
-        self._fill()
-        self.offset += 1
-        return self._rows.pop()
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
 
 class MixtureLoader:
-    """Micro-batches of (inputs, targets, loss mask), each row's task drawn by mixture weight."""
+    """This rank's micro-batches of (inputs, targets, loss mask), one optimizer step at a time.
+
+    A step's global batch is `sequences` rows whose tasks are drawn by mixture weight with an RNG seeded
+    by the step alone; each task's rows follow the task's global order. Rank r of `world` trains the r-th
+    contiguous slice of the batch, cut into micro-batches. So the rows of a step, and the micro-batches
+    they form, are the same at every world size: a run resized from 2 workers to 1 trains the same
+    tokens in the same groups, and its position is (step, rows taken per task), not a per-rank offset.
+    """
 
     def __init__(
         self,
         streams: dict[str, TaskStream],
         weights: dict[str, float],
+        sequences: int,
         micro_batch: int,
+        rank: int,
+        world: int,
         seed: int,
-        micro_step: int = 0,
+        state: dict | None = None,
     ):
-        self.streams, self.micro_batch, self.seed, self.micro_step = streams, micro_batch, seed, micro_step
+        if sequences % (micro_batch * world):
+            raise ValueError(
+                f"{sequences} sequences per step do not split into {world} x micro-batches of {micro_batch}"
+            )
+        self.streams, self.sequences, self.micro_batch, self.seed = streams, sequences, micro_batch, seed
+        self.rank, self.world = rank, world
         self.tasks = list(weights)
         self.p = np.array([weights[t] for t in self.tasks])
+        state = state or {}
+        self.step = state.get("step", 0)
+        self.taken = {t: state.get("taken", {}).get(t, 0) for t in self.tasks}
         with ThreadPoolExecutor(max_workers=len(streams)) as pool:
             list(pool.map(TaskStream.start, streams.values()))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # The same draw on every rank: seeded by the step, not the rank (see the module docstring).
-        rng = np.random.default_rng([self.seed, 1, self.micro_step])
-        picks = rng.choice(len(self.tasks), size=self.micro_batch, p=self.p)
-        rows = [self.streams[self.tasks[i]].take() for i in picks]
-        self.micro_step += 1
-        ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
-        mask = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.bool_))
-        return ids[:, :-1], ids[:, 1:], mask[:, 1:]  # inputs, next-token targets, which targets train
+    def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The next step's micro-batches for this rank: sequences / (world x micro_batch) of them."""
+        rng = np.random.default_rng([self.seed, 1, self.step])  # the same draw on every rank
+        picks = [self.tasks[i] for i in rng.choice(len(self.tasks), size=self.sequences, p=self.p)]
+        per_rank = self.sequences // self.world
+        mine = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        rows, seen = [], dict.fromkeys(self.tasks, 0)
+        for j, task in enumerate(picks):
+            if j in mine:
+                rows.append(self.streams[task].row(self.taken[task] + seen[task]))
+            seen[task] += 1
+        for task, n in seen.items():
+            self.taken[task] += n
+        self.step += 1
+        return [_micro_batch(rows[i : i + self.micro_batch]) for i in range(0, per_rank, self.micro_batch)]
 
     def state(self) -> dict:
-        return {"micro_step": self.micro_step, "streams": {t: s.state() for t, s in self.streams.items()}}
+        """The data position after the last step: the same on every rank, whatever the world size."""
+        return {"step": self.step, "taken": dict(self.taken)}
+
+
+def _micro_batch(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
+    mask = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.bool_))
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]  # inputs, next-token targets, which targets train
 
 
 def make_loader(
-    cfg: TrainConfig, weights: dict[str, float], rank: int, world: int, state: dict | None
+    cfg: TrainConfig,
+    weights: dict[str, float],
+    rows_per_epoch: dict[str, int],
+    rank: int,
+    world: int,
+    state: dict | None,
 ) -> MixtureLoader:
     import ray.train
 
-    stride = (world, rank) if cfg.data.load == "memory" else (1, 0)
-    streams = {}
-    for task in weights:
-        pos = (state or {}).get("streams", {}).get(task, {"epoch": 0, "offset": 0})
-        shard = ray.train.get_dataset_shard(dataset_name("train", task))
-        streams[task] = TaskStream(shard, task, cfg.seed, cfg.data.shuffle_buffer_blocks, stride, **pos)
-    return MixtureLoader(streams, weights, cfg.micro_batch_size, cfg.seed, (state or {}).get("micro_step", 0))
+    taken = (state or {}).get("taken", {})
+    streams = {
+        task: TaskStream(
+            ray.train.get_dataset_shard(dataset_name("train", task)),
+            task,
+            cfg.seed,
+            cfg.data.shuffle_buffer_blocks,
+            rows_per_epoch[task],
+            taken.get(task, 0),
+        )
+        for task in weights
+    }
+    return MixtureLoader(
+        streams, weights, cfg.sequences_per_step, cfg.micro_batch_size, rank, world, cfg.seed, state
+    )
 
 
 def read_validation(cfg: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -20,8 +20,10 @@ def loop_clips_gradients(cfg: TrainConfig) -> bool:
     return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
 
 
-def deepspeed_config(cfg: TrainConfig, cuda: bool) -> dict:
-    """`cuda`: whether this worker trains on a CUDA device (a reserved GPU may have none behind it)."""
+def deepspeed_config(cfg: TrainConfig, cuda: bool, world: int, universal: bool = False) -> dict:
+    """`cuda`: whether this worker trains on a CUDA device (a reserved GPU may have none behind it).
+    `world`: the workers of this (re)start: the accumulation steps keep the global batch at any size.
+    `universal`: the checkpoint to resume is in DeepSpeed's universal format (train/checkpoint.py)."""
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
@@ -33,8 +35,8 @@ def deepspeed_config(cfg: TrainConfig, cuda: bool) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * cfg.scaling.workers,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world),
+        "train_batch_size": cfg.sequences_per_step,
         "gradient_clipping": 0.0 if loop_clips_gradients(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         # Our own AdamW (torch's), over the model's parameter groups: µP scales each group's lr.
@@ -42,6 +44,8 @@ def deepspeed_config(cfg: TrainConfig, cuda: bool) -> dict:
         "steps_per_print": 2**31 - 1,  # progress is ours (train/metrics.py)
         "wall_clock_breakdown": False,
     }
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
     if ds.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":
@@ -56,21 +60,35 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(cfg: TrainConfig, model_cfg: ModelConfig):
+def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, world: int, universal: bool = False):
     """(engine, model, training FLOPs per token), every rank starting from the same initial weights
     (seeded). The FLOPs are counted before DeepSpeed sees the model: ZeRO-3 leaves each rank's
     parameters empty, which would count as a model without weights."""
     import deepspeed
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    # Saved with every checkpoint: ds_to_universal refuses to convert one without it. No tensor
+    # parallelism here, so no parameter needs a merge rule beyond the version.
+    setattr(
+        model,
+        UNIVERSAL_CHECKPOINT_INFO,
+        {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    )
     optimizer = optim.adamw(
         model, cfg.optim.lr, cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, torch.cuda.is_available())
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, torch.cuda.is_available(), world, universal),
     )
     return engine, model, flops_per_token

@@ -12,15 +12,15 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from odyssey import cluster, entrypoint
+from odyssey import cluster, entrypoint, failpoints
 from odyssey.config import load_config, to_dict
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import pad_vocab
@@ -36,8 +36,7 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     data = replace(
         cfg.data, corpus=str(Path(cfg.data.corpus).resolve()), blocks=str(Path(cfg.data.blocks_dir).resolve())
     )
-    storage = cfg.storage if "://" in cfg.storage else str(Path(cfg.storage).resolve())
-    cfg = replace(cfg, data=data, storage=storage)
+    cfg = replace(cfg, data=data, storage=str(Path(cfg.storage).resolve()))
     manifest = train_data.read_manifest(cfg)
     model = replace(cfg.model, vocab_size=pad_vocab(manifest["vocab_size"]), max_seq_len=cfg.data.seq_len)
     return cfg, to_dict(model), manifest
@@ -49,15 +48,16 @@ def check_resources(cfg: TrainConfig) -> None:
     if cfg.scaling.autoscaling:
         return
     have = ray.cluster_resources()
-    need_cpu = cfg.scaling.workers * cfg.scaling.cpus_per_worker
+    least = cfg.scaling.min_workers  # an elastic run starts with what there is, from min_workers up
+    need_cpu = least * cfg.scaling.cpus_per_worker
     if have.get("CPU", 0) < need_cpu + 1:  # + 1 for Ray Data's readers
         raise ConfigError(
-            f"scaling: {cfg.scaling.workers} workers x {cfg.scaling.cpus_per_worker} CPUs (+1 for data) exceed the "
+            f"scaling: {least} workers x {cfg.scaling.cpus_per_worker} CPUs (+1 for data) exceed the "
             f"cluster's {have.get('CPU', 0):g} CPUs; lower scaling.workers, or set scaling.autoscaling=true on an autoscaling cluster"
         )
-    if cfg.scaling.use_gpu and have.get("GPU", 0) < cfg.scaling.workers:
+    if cfg.scaling.use_gpu and have.get("GPU", 0) < least:
         raise ConfigError(
-            f"scaling: {cfg.scaling.workers} GPU workers but the cluster has {have.get('GPU', 0):g} GPUs; lower "
+            f"scaling: {least} GPU workers but the cluster has {have.get('GPU', 0):g} GPUs; lower "
             f"scaling.workers, or set scaling.autoscaling=true on an autoscaling cluster"
         )
 
@@ -72,25 +72,26 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
     # Logical CPUs of an embedded cluster: one per worker plus room for Ray Data's readers (each
     # worker sets its own thread count, so this does not oversubscribe the cores).
     cluster.connect(
-        address, num_cpus=max(os.cpu_count() or 1, int(cfg.scaling.workers * cfg.scaling.cpus_per_worker) + 2)
+        address,
+        num_cpus=max(os.cpu_count() or 1, int(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker) + 2),
     )
     check_resources(cfg)
 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from train.callbacks import FailureRecord
     from train.loop import train_loop_per_worker
 
     run_dir = Path(cfg.storage) / cfg.name
-    if "://" not in cfg.storage:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(
-            yaml.safe_dump({**to_dict(cfg), "model": model}, sort_keys=False)
-        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "model": model}, sort_keys=False))
     train_data.keep_data_stats_on_driver_node()
     datasets = train_data.build_datasets(cfg, list(weights))
     validation = train_data.read_validation(cfg)
-    train_names = [train_data.dataset_name("train", t) for t in weights]
+    rows_per_epoch = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}
+    # Fault injection (odyssey/failpoints.py) reaches the workers only when armed here.
+    armed = {failpoints.ENV: os.environ[failpoints.ENV]} if os.environ.get(failpoints.ENV) else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=TorchConfig(backend=None if cfg.scaling.backend == "auto" else cfg.scaling.backend),
@@ -98,11 +99,14 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
             "train": to_dict(cfg),
             "model": model,
             "mixture": weights,
+            "rows_per_epoch": rows_per_epoch,
             "validation": validation,
             "run_dir": str(run_dir),
+            "launch_id": uuid.uuid4().hex[:12],  # tells a restart inside this launch from a relaunch
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={
                 "CPU": cfg.scaling.cpus_per_worker,
@@ -118,10 +122,11 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=callbacks,
+            callbacks=[FailureRecord(run_dir), *(callbacks or [])],
+            worker_runtime_env={"env_vars": armed} if armed else None,
         ),
         datasets=datasets,
-        dataset_config=train_data.data_config(cfg, train_names),
+        dataset_config=train_data.data_config(),
     )
     try:
         result = trainer.fit()
@@ -134,12 +139,12 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
 
 
 def summarize(run_dir: Path, result) -> dict:
-    history = []
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    from train import events
+
+    history = events.read_metrics(run_dir)
     last = result.metrics or (history[-1] if history else {})
     val = {k.removeprefix("val_loss_"): round(v, 4) for k, v in last.items() if k.startswith("val_loss_")}
+    restarts = [e for e in events.read_events(run_dir) if e["event"] in ("restart", "resize")]
     return {
         "run_dir": str(run_dir),
         "steps": last.get("step"),
@@ -149,6 +154,8 @@ def summarize(run_dir: Path, result) -> dict:
         "val_loss": {"mean": round(last["val_loss"], 4), **val} if "val_loss" in last else None,
         "tokens_per_s": round(last.get("avg_tokens_per_s", last.get("tokens_per_s", 0.0))),
         "mfu": round(last.get("avg_mfu", last.get("mfu", 0.0)), 4),
+        "world_size": last.get("world_size"),
+        "restarts": len(restarts),  # worker-group restarts and resizes, over every launch of the run
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
 

@@ -1,10 +1,14 @@
 """`train_loop_per_worker`: what every Ray Train worker runs, top to bottom.
 
-    build the DeepSpeed engine around the core model -> resume from the latest checkpoint if there is
-    one -> for each step: accumulate micro-batches from the mixture, one optimizer step -> log, evaluate
-    and checkpoint at their intervals.
+    pick the newest intact checkpoint of the run, if any -> build the DeepSpeed engine around the core
+    model for this world size -> load the checkpoint (resharded when another world size wrote it) ->
+    record why this start happens (events.jsonl) -> for each step: this rank's micro-batches of the
+    step's global batch, one optimizer step -> log, evaluate and checkpoint at their intervals.
 
-The learning rate is a pure function of the step (odyssey/optim.py), so resuming restores it exactly.
+This function runs again whenever Ray Train restarts the worker group: after a worker failure
+(`max_failures`) or, for an elastic run, at another size. The learning rate is a pure function of the
+step (odyssey/optim.py) and the data position is global (train/data.py), so a resume, at any size,
+continues the uninterrupted run.
 Every log_every steps: a progress line, metrics.jsonl and TensorBoard (rank 0). At every evaluation
 and checkpoint: `ray.train.report`, what the Ray dashboard shows (a report is a barrier: not every step).
 Losses and gradient norms are checked for NaN/Inf without a host sync per step (a flag accumulates on the device and is
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +28,7 @@ import torch.distributed as dist
 from odyssey import flops, optim
 from odyssey.config import from_dict
 from odyssey.model import ModelConfig
-from train import checkpoint
+from train import checkpoint, events
 from train import data as train_data
 from train.config import TrainConfig
 from train.engine import build_engine, loop_clips_gradients
@@ -43,21 +48,26 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-    engine, model, flops_per_token = build_engine(cfg, model_cfg)
+    # Where to resume: rank 0 picks the newest checkpoint that verifies, every rank follows.
+    choice = [events.resume_point(run_dir, config["launch_id"], world) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    ckpt_dir, meta, event = choice[0]
+    universal = meta is not None and checkpoint.needs_resharding(meta, world, cfg.deepspeed.zero_stage)
+    engine, model, flops_per_token = build_engine(cfg, model_cfg, world, universal)
     device = engine.device
     step, tokens, data_state = 0, 0, None
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as ckpt_dir:
-            meta, data_state = checkpoint.load(engine, Path(ckpt_dir), rank, world)
-        step, tokens = meta["step"], meta["tokens"]
+    if meta is not None:
+        checkpoint.load(engine, ckpt_dir, universal, ctx.get_local_rank())
+        step, tokens, data_state = meta["step"], meta["tokens"], meta["data"]
         if rank == 0:
-            console(f"resumed from {resumed.path} at step {step} ({tokens:,} tokens)")
+            how = f", resharded from {meta['world_size']} workers to {world}" if universal else ""
+            console(f"resumed from {ckpt_dir} at step {step} ({tokens:,} tokens){how}")
         if step >= cfg.steps and "metrics" in meta:
             # Relaunched after its last checkpoint: nothing to train, but whoever watches the reports (a Tune
             # trial restarted after an interruption) must still see the run's final metrics.
             ray.train.report(meta["metrics"])
-    loader = train_data.make_loader(cfg, weights, rank, world, data_state)
+    loader = train_data.make_loader(cfg, weights, config["rows_per_epoch"], rank, world, data_state)
+    grad_accum = cfg.grad_accum_steps(world)
     val_data = {
         t: (torch.from_numpy(i.astype("int64")), torch.from_numpy(m.astype(bool)))
         for t, (i, m) in config["validation"].items()
@@ -65,9 +75,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     peak = None  # FLOP/s of all devices together, taken at the first log (see below)
     log = RunLog(run_dir, cfg.steps, step, enabled=rank == 0)
-    nodes = [None] * world  # where each rank runs: the record of which machines trained (and a resize's)
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    log.event("resume" if resumed else "start", world_size=world, step=step, tokens=tokens, nodes=nodes)
+    places = [None] * world  # where each rank runs: the record of which machines trained (and a resize's)
+    dist.all_gather_object(places, (ray.get_runtime_context().get_node_id(), os.getpid()))
+    event.update(world_size=world, step=step, tokens=tokens, resharded=universal)
+    log.event(event.pop("event"), **event, nodes=[n for n, _ in places], pids=[p for _, p in places])
     nonfinite = torch.zeros((), device=device)
     first_loss = None
     timed_tokens, timed_seconds = 0, 0.0  # steady-state throughput: the first interval is start-up
@@ -80,8 +91,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.optimizer,
             optim.lr_at(step - 1, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio),
         )
-        for _ in range(cfg.grad_accum_steps):
-            inputs, targets, mask = (t.to(device) for t in loader.next())
+        for batch in loader.step_batches():  # grad_accum micro-batches: this rank's slice of the step
+            inputs, targets, mask = (t.to(device) for t in batch)
             loss = engine(inputs, targets, mask)
             engine.backward(loss)  # at the accumulation boundary this also all-reduces the gradients
             if own_clipping and engine.is_gradient_accumulation_boundary():
@@ -106,7 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
         if not (logging_now or evaluating or saving):
             continue
         steps_since = step - log.step_last
-        mean_loss = _all_mean(loss_sum / (steps_since * cfg.grad_accum_steps), device)  # also a sync point
+        mean_loss = _all_mean(loss_sum / (steps_since * grad_accum), device)  # also a sync point
         loss_sum.zero_()
         if _all_sum(nonfinite.item(), device) > 0:
             raise FloatingPointError(
@@ -135,6 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
             "tokens_per_s": rate,
             "mfu": flops.mfu(flops_per_token, rate, peak),
             "memory_gb": _all_max(memory_gb(cuda), device),
+            "world_size": world,
         }
         if grad_norm is not None:  # fp16 loss scaling may skip a step's norm
             metrics["grad_norm"] = float(grad_norm)
@@ -152,6 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
             meta = {
                 "step": step,
                 "tokens": tokens,
+                "data": loader.state(),
                 "world_size": world,
                 "zero_stage": cfg.deepspeed.zero_stage,
                 "model": config["model"],
@@ -160,9 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "metrics": metrics,
             }
             tokenizer = Path(cfg.data.corpus) / "tokenizer.json"
-            checkpoint.save(
-                engine, step, metrics, meta, loader.state(), tokenizer if tokenizer.is_file() else None
-            )
+            checkpoint.save(engine, run_dir, step, metrics, meta, tokenizer if tokenizer.is_file() else None)
         elif evaluating:  # Ray Train's record (the dashboard) at evaluations: a report is a barrier
             ray.train.report(metrics)
         log.mark(step)

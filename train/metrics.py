@@ -69,7 +69,7 @@ class RunLog:
     def write(self, step: int, tokens: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
@@ -84,7 +84,12 @@ class RunLog:
         record = {"event": kind, "time": round(time.time(), 3), **fields}
         with open(self.run_dir / "events.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        console(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in fields.items() if k != "nodes"))
+        shown = {
+            k: v
+            for k, v in fields.items()
+            if k not in ("nodes", "pids", "launch") and v not in (None, [], False)
+        }
+        console(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
 
     def close(self) -> None:
         if self.enabled:
