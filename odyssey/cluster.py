@@ -149,6 +149,28 @@ def ensure_token() -> None:
     print(f"wrote a new Ray auth token to {path}", file=sys.stderr)
 
 
+def keep_ray_helpers_here() -> None:
+    """Create Ray's per-cluster helper actors from this process (a job's driver: the head node).
+
+    Ray Data's stats actor and the autoscaling coordinator (which Ray Train's elastic policy asks what
+    the cluster can hold) are detached and pinned to the node of whichever process creates them first.
+    Left to a training worker they land on a GPU node and keep it from ever scaling down. Created here
+    they live on the head, and the coordinator is up before the run's first question: an elastic run
+    starts with the capacity there is now instead of waiting out the actor's start."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # a Ray without them: nothing to pin
+        return
+    get_or_create_stats_actor()
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("odyssey-warm-up"), timeout=120)
+
+
 def start_head(
     num_cpus: int | None = None,
     num_gpus: int | None = None,

@@ -1,8 +1,10 @@
 """A real autoscaling cluster on this machine (`odyssey cluster local-up`, cluster/fake-gpu.yaml with a
-head that holds one fake GPU): an elastic training job (`workers: [1, 2]`) submitted with `ray job
-submit` starts on the one GPU there is, the autoscaler adds a GPU node for the second worker, the run
-grows onto it from its latest checkpoint, and the node leaves once idle. The head our tooling starts
-listens on loopback only and refuses clients without the token."""
+head that holds one fake GPU and no room for GPU worker nodes yet): an elastic training job (`workers:
+[1, 2]`) submitted with `ray job submit` starts on the one GPU there is; then the cap on GPU nodes is
+raised (what `ray up` with a new `max_workers`, or a cloud with capacity again, does), the autoscaler
+adds a GPU node for the second worker, the run grows onto it from its latest checkpoint, and the node
+leaves once idle. The head our tooling starts listens on loopback only and refuses clients without
+the token."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from odyssey import cluster, cluster_files
+from odyssey import atomic, cluster, cluster_files
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -33,10 +35,11 @@ def odyssey_cluster(action: str, env: dict, *args: str) -> subprocess.CompletedP
 def fake_cluster(tmp_path_factory):
     """`odyssey cluster local-up` through its CLI, `local-down` at teardown (every node it added too).
     The config is cluster/fake-gpu.yaml with one fake GPU (and a CPU for data) on the head, as on a
-    workstation with one GPU: a run can start before the autoscaler has added anything."""
+    workstation with one GPU, and no GPU worker nodes allowed until a test raises the cap."""
     home = tmp_path_factory.mktemp("odyssey-home")
     config = yaml.safe_load((cluster_files.CLUSTER_DIR / "fake-gpu.yaml").read_text())
     config["available_node_types"]["ray.head.default"]["resources"] = {"CPU": 2, "GPU": 1}
+    config["available_node_types"]["ray.worker.gpu"]["max_workers"] = 0
     config_path = home / "one-gpu-head.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {
@@ -56,6 +59,12 @@ def fake_cluster(tmp_path_factory):
         down = odyssey_cluster("local-down", env)
         assert down.returncode == 0, down.stderr[-2000:]
         assert not cluster.session_processes(head.pid), "processes of the cluster outlived local-down"
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is skipped
 
 
 def auth() -> dict:
@@ -168,35 +177,46 @@ def test_an_elastic_gpu_job_starts_on_one_worker_and_grows_onto_the_node_the_aut
     )
     assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-2000:]
 
-    # Node counts over time, while the job runs and after it ends.
-    timeline, seen, exposed, start, ended = [], set(), [], time.monotonic(), None
+    # Node counts over time, while the job runs and after it ends. Once the run trains on its one worker,
+    # the head's autoscaler may add a GPU node: its config file is read again at every update.
+    timeline, seen, exposed, start, ended, opened = [], set(), [], time.monotonic(), None, None
     while True:
         now = time.monotonic() - start
+        if opened is None and any(e.get("world_size") == 1 for e in events_of(tmp_path / "elastic")):
+            autoscaling = Path(head.temp_dir) / "autoscaling.yaml"
+            config = yaml.safe_load(autoscaling.read_text())
+            config["available_node_types"]["ray.worker.gpu"]["max_workers"] = 2
+            atomic.write_text(autoscaling, yaml.safe_dump(config, sort_keys=False))
+            opened = now
         workers = gpu_workers(alive_nodes(dashboard))
         seen.update(workers)
         status = httpx.get(f"{dashboard}/api/jobs/elastic", headers=auth(), timeout=10).json()["status"]
         timeline.append((round(now, 1), len(workers), status))
-        if workers and not exposed:  # the added node listens on loopback only, like the head
-            exposed = [s for s in listening(cluster.session_processes(head.pid)) if s[0] not in LOOPBACK] or [
-                None
+        if workers and not exposed:  # the added node's Ray processes listen on loopback only, like the head's
+            # (The job's own training workers are left out: rank 0's torch.distributed rendezvous store
+            # (TCPStore) listens on every interface, and torch offers no bind address.)
+            ray_processes = [
+                s for s in listening(cluster.session_processes(head.pid)) if s[2] != "ray::RayTrainWorker"
             ]
+            exposed = [s for s in ray_processes if s[0] not in LOOPBACK] or [None]
         if status in ("SUCCEEDED", "FAILED", "STOPPED") and ended is None:
             ended, at_end = now, len(workers)
         if ended is not None and not workers:
             break
         assert now < 480, f"timeline (s, GPU workers, job): {timeline}"
         time.sleep(1)
-    print("timeline (s since submit, GPU worker nodes, job):", timeline)  # shown with pytest -s
+    print(f"timeline (s since submit, GPU worker nodes, job; cap raised at {opened} s):", timeline)
     logs = httpx.get(f"{dashboard}/api/jobs/elastic/logs", headers=auth(), timeout=10).json()["logs"]
     assert status == "SUCCEEDED", logs[-3000:]
     summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_dir"')][-1])
     assert summary["steps"] == steps and summary["tokens"] == steps * 2048
     assert summary["checkpoint"].endswith(f"checkpoint_step{steps:07d}")
     run_dir = Path(summary["run_dir"])
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = events_of(run_dir)
     starts = [e for e in events if e["event"] != "worker_failure"]
     controller = [line for line in logs.splitlines() if "TrainController" in line or "autoscaler" in line]
-    assert [e["event"] for e in starts] == ["start", "resize"], (events, controller[-40:])
+    print("\n".join(controller[-60:]))  # Ray Train's scaling decisions (pytest -s, or a failure's output)
+    assert [e["event"] for e in starts] == ["start", "resize"], events
     first, grown = starts
     head_node = first["nodes"][0]
     assert first["world_size"] == 1 and head_node not in seen  # one worker, on the head's GPU
@@ -215,11 +235,12 @@ def test_an_elastic_gpu_job_starts_on_one_worker_and_grows_onto_the_node_the_aut
         if len(twice) == 2:
             assert twice[0]["world_size"] == 1 and twice[1]["world_size"] == 2
             assert twice[1]["loss"] == pytest.approx(twice[0]["loss"], rel=1e-3), step
-    assert {r["world_size"] for r in rows if r["step"] > grown["step"]} == {2}
+    assert all(twice[-1]["world_size"] == 2 for step, twice in by_step.items() if step > grown["step"])
 
     # The cluster: GPU nodes came for the run (while the resized group waits for the old one's GPU
     # to be released, the autoscaler may add one more), were still there when it ended, and all left
     # after the idle timeout; every node listened on loopback only.
+    assert opened is not None and all(n == 0 for t, n, _ in timeline if t < opened), timeline  # capped: none
     assert max(n for _, n, _ in timeline) >= 1 and at_end >= 1, timeline
     gone = next(t for t, n, _ in timeline if t > ended and n == 0)
     assert gone - ended < idle_s + 60, timeline

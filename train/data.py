@@ -283,14 +283,3 @@ def read_validation(cfg: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]
         if len(ids):
             out[task] = (ids[: cfg.eval_blocks], mask[: cfg.eval_blocks])
     return out
-
-
-def keep_data_stats_on_driver_node() -> None:
-    """Ray Data keeps one detached stats actor per cluster, on the node of whichever process runs a
-    dataset first. Left to a training worker, it lands on a GPU node and keeps that node from ever
-    scaling down; created here, it lives on the driver's node (the head, under `ray job submit`)."""
-    try:
-        from ray.data._internal.stats import get_or_create_stats_actor
-    except ImportError:  # a Ray without it: nothing to pin
-        return
-    get_or_create_stats_actor()

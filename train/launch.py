@@ -86,7 +86,7 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
     run_dir = Path(cfg.storage) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "model": model}, sort_keys=False))
-    train_data.keep_data_stats_on_driver_node()
+    cluster.keep_ray_helpers_here()
     datasets = train_data.build_datasets(cfg, list(weights))
     validation = train_data.read_validation(cfg)
     rows_per_epoch = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}

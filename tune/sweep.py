@@ -143,6 +143,7 @@ def run(cfg: SweepConfig, transfer: bool = False, address: str | None = None) ->
         address,
         num_cpus=max(os.cpu_count() or 1, math.ceil(need_cpu * (cfg.trial.max_concurrent or 1))),
     )
+    cluster.keep_ray_helpers_here()  # before any trial does: they would pin them to its node
     tuner = _tuner(p, _concurrency(cfg, need_cpu))
     grid = tuner.fit()
     rows = results.collect(grid, p)
