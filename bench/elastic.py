@@ -33,10 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from bench import report
 from odyssey import cluster, failpoints
 from odyssey.config import load_config
-from odyssey.data import corpus as corpus_mod
-from odyssey.data import packing
-from odyssey.data.corpus import CorpusConfig
-from odyssey.tokenizer import Tokenizer
 from train import checkpoint, events, launch
 from train.config import TrainConfig, recipe_path
 
@@ -44,18 +40,9 @@ TARGET_S = 60.0
 EVERY = 8
 
 
-def build_data(root: Path) -> Path:
-    corpus = root / "corpus"
-    corpus_mod.build_corpus(corpus, CorpusConfig.from_preset("tiny"))
-    tok = Tokenizer.train(corpus_mod.texts(corpus, "train"), vocab_size=2048)
-    tok.save(corpus / "tokenizer.json")
-    packing.pack_corpus(corpus, tok, 128, corpus / "blocks-128")
-    return corpus
-
-
 def run(corpus: Path, storage: Path, name: str, steps: int, *extra: str) -> dict:
     sets = [
-        f"name={name}", f"storage={storage}", f"data.corpus={corpus}", "data.prepare=false", f"steps={steps}",
+        f"name={name}", f"storage={storage}", f"data.corpus={corpus}", f"steps={steps}",
         "log_every=1", f"eval_every={EVERY}", f"checkpoint_every={EVERY}", "keep_checkpoints=100", *extra,
     ]  # fmt: skip
     return launch.run(load_config(TrainConfig, recipe_path("tiny-cpu"), sets))
@@ -127,14 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps
     root = Path(tempfile.mkdtemp(prefix="odyssey-bench-elastic-"))
     try:
-        print("building the tiny corpus ...", file=sys.stderr)
-        corpus = build_data(root)
+        corpus = root / "corpus"  # the recipe builds the tiny corpus, tokenizer and blocks at the first run
         storage = root / "runs"
         cluster.connect(num_cpus=4)
         ref = {2: storage / "reference", 3: storage / "reference-zero3"}
-        t = time.time()
         run(corpus, storage, "reference", steps)
-        reference_s = time.time() - t
         run(corpus, storage, "reference-zero3", steps, "deepspeed.zero_stage=3")
         refs = {stage: curve(path) for stage, path in ref.items()}
 
@@ -161,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             2,
         )
-        figures = {"steps": steps, "checkpoint_every": EVERY, "reference_run_s": round(reference_s, 1)}
+        figures = {"steps": steps, "checkpoint_every": EVERY}
         figures["universal_conversion_s"] = round(convert_s, 2)
         table = []
         for name, (out, stage) in scenarios.items():

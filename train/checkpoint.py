@@ -197,15 +197,19 @@ def published(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob(f"{PREFIX}*") if (p / MANIFEST).is_file())
 
 
-def newest_intact(run_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
-    """(checkpoint, its meta, [why each newer one was skipped]): the newest that verifies."""
+def first_intact(candidates) -> tuple[Path | None, dict | None, list[str]]:
+    """(the first candidate that verifies, its meta, [why each one before it was skipped])."""
     skipped = []
-    for path in reversed(published(run_dir)):
+    for path in candidates:
         try:
             return path, verify(path), skipped
         except DamagedCheckpoint as e:
             skipped.append(str(e))
     return None, None, skipped
+
+
+def newest_intact(run_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
+    return first_intact(reversed(published(run_dir)))
 
 
 def find(path: str | Path, best: bool = False) -> Path:
@@ -221,15 +225,13 @@ def find(path: str | Path, best: bool = False) -> Path:
             f"no training checkpoint in {path}; give a run directory or one of its checkpoint_* directories"
         )
     if best:
-        found = sorted(found, key=lambda p: read_meta(p).get("val_loss", float("inf")), reverse=True)
-    errors = []
-    for candidate in reversed(found):
-        try:
-            verify(candidate)
-            return candidate
-        except DamagedCheckpoint as e:
-            errors.append(str(e))
-    raise DamagedCheckpoint("no intact checkpoint: " + "; ".join(errors))
+        order = sorted(found, key=lambda p: read_meta(p).get("val_loss", float("inf")))
+    else:
+        order = reversed(found)
+    chosen, _, skipped = first_intact(order)
+    if chosen is None:
+        raise DamagedCheckpoint("no intact checkpoint: " + "; ".join(skipped))
+    return chosen
 
 
 # --- loading ---------------------------------------------------------------------------------------
