@@ -11,7 +11,9 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-.PHONY: demo test lint bench bench-train bench-serve bench-tune bench-elastic setup clean
+BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx
+
+.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -23,7 +25,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Every benchmark that runs on a CPU machine (~100 minutes on 2 cores), then the README's results table
+# from their JSON. Some: make bench BENCHES="onnx data". (bench/gpu_train.sh needs a GPU machine.)
 bench: $(STAMP)
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+	$(BIN)/python bench/readme_table.py
+
+bench-data: $(STAMP)  # ~1 minute
 	$(BIN)/python bench/data.py $(ARGS)
 
 bench-train: $(STAMP)  # ~25 minutes on 2 cores
@@ -37,6 +45,9 @@ bench-tune: $(STAMP)  # ~25 minutes on 2 cores
 
 bench-elastic: $(STAMP)  # ~6 minutes on 2 cores
 	$(BIN)/python bench/elastic.py $(ARGS)
+
+bench-onnx: $(STAMP)  # ~3 minutes on 2 cores
+	$(BIN)/python bench/onnx.py $(ARGS)
 
 setup: $(STAMP)
 

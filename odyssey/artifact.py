@@ -3,6 +3,8 @@
     model.safetensors   weights (safetensors: loading never unpickles, so a file cannot run code)
     config.json         {"format", "model": ModelConfig fields, ...metadata}
     tokenizer.json      the tokenizer it was trained with
+    model.onnx          optional (`odyssey export --format onnx`): the blocks for ONNX Runtime
+                        (odyssey/ort_model.py), traced from these same weights
 
 The directory is written complete or not at all.
 """
@@ -22,7 +24,7 @@ from odyssey.model import ModelConfig, Transformer
 from odyssey.tokenizer import Tokenizer
 
 FORMAT = "odyssey-model/1"
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+WEIGHTS, CONFIG, TOKENIZER, ONNX = "model.safetensors", "config.json", "tokenizer.json", "model.onnx"
 
 
 def save_model(
@@ -31,13 +33,18 @@ def save_model(
     tokenizer: Tokenizer | None = None,
     metadata: dict | None = None,
     overwrite: bool = True,
+    onnx: bool = False,
+    onnx_quantize: str | None = None,
 ) -> Path:
+    """Write the model directory; with onnx=True also model.onnx (float32, or int8 with
+    onnx_quantize="int8"), in the same all-or-nothing step."""
     out = Path(out)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = {
         "format": FORMAT,
         "odyssey_version": __version__,
         "model": to_dict(model.cfg),
+        **({"onnx": {"quantize": onnx_quantize}} if onnx else {}),
         **(metadata or {}),
     }
     with atomic.staged_dir(out, overwrite=overwrite) as stage:
@@ -45,6 +52,10 @@ def save_model(
         atomic.write_text(stage / CONFIG, json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(stage / TOKENIZER)
+        if onnx:
+            from odyssey import ort_model
+
+            ort_model.export(model, stage / ONNX, quantize=onnx_quantize)
     return out
 
 
@@ -60,16 +71,45 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
+def weights_digest(path: str | Path) -> str:
+    """The first 12 hex digits of the weights' SHA-256: with the model's name, its id in serving and
+    in evaluation reports (passage vectors and scores belong to exactly these weights)."""
+    return atomic.sha256_file(Path(path) / WEIGHTS)[:12]
+
+
+def model_id(path: str | Path, config: dict | None = None) -> str:
+    """name@digest; the name is config.json's `name`, else the directory's."""
+    path = Path(path)
+    config = config if config is not None else read_config(path)
+    return f"{config.get('name') or path.resolve().name}@{weights_digest(path)}"
+
+
+def read_model_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig of an exported model directory, and its whole config.json."""
+    path = Path(path)
+    config = read_config(path)
+    try:
+        return from_dict(ModelConfig, config["model"], "model"), config
+    except ConfigError as e:
+        raise OdysseyError(f"{path / CONFIG}: {e}") from None
+
+
+def read_tokenizer(path: str | Path, cfg: ModelConfig) -> Tokenizer | None:
+    path = Path(path)
+    tokenizer = Tokenizer.load(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise OdysseyError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size} rows"
+        )
+    return tokenizer
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Transformer, Tokenizer | None, dict]:
     """(model in eval mode, its tokenizer if saved, the config.json contents)."""
     path = Path(path)
-    config = read_config(path)
-    try:
-        cfg = from_dict(ModelConfig, config["model"], "model")
-    except ConfigError as e:
-        raise OdysseyError(f"{path / CONFIG}: {e}") from None
+    cfg, config = read_model_config(path)
     model = Transformer(cfg)
     state = load_file(str(path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -78,9 +118,4 @@ def load_model(
             f"{path / WEIGHTS} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.to(device=device, dtype=dtype).eval()
-    tokenizer = Tokenizer.load(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise OdysseyError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size} rows"
-        )
-    return model, tokenizer, config
+    return model, read_tokenizer(path, cfg), config

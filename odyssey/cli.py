@@ -6,11 +6,14 @@
     odyssey model presets
     odyssey train --config RECIPE [--set k=v ...]      (= python -m train)
     odyssey tune --config SWEEP [--set k=v ...] [--transfer]  (= python -m tune)
-    odyssey export CHECKPOINT_OR_RUN --out DIR [--best]
+    odyssey export CHECKPOINT_OR_RUN --out DIR [--best] [--format safetensors|onnx] [--quantize int8]
     odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve stop
     odyssey cluster check [FILE ...]                    (`ray up` configs, KubeRay manifests)
     odyssey cluster local-up [--config cluster/fake-gpu.yaml]  |  odyssey cluster local-down
-    odyssey demo [--set k=v ...]
+    odyssey eval MODEL_OR_CHECKPOINT [--corpus DIR] [--tasks a,b] [--limit N] [--backend B] [--out DIR]
+                 [--no-code-checks]
+    odyssey promote RUN --serve-config serve/config.yaml [--metrics a,b] [--dry-run]
+    odyssey demo [--keep-serving] [--set k=v ...]
 
 Errors a user can fix are printed as one line `odyssey: error: ...` with exit status 2.
 """
@@ -79,9 +82,44 @@ def _parser() -> argparse.ArgumentParser:
     model_sub.add_parser("presets", help="list presets with parameters and FLOPs per token")
 
     demo = sub.add_parser(
-        "demo", help="corpus -> tokenizer -> train the tiny model -> samples, in one process"
+        "demo",
+        help="local cluster -> data -> pretrain (2 workers, ZeRO-2) -> eval -> serve -> call every endpoint",
     )
+    demo.add_argument("--keep-serving", action="store_true", help="leave the cluster and the app up")
     _add_set(demo)
+
+    evaluate = sub.add_parser("eval", help="score a model on every task's held-out split (Ray tasks)")
+    evaluate.add_argument("model", type=Path, help="an exported model, a checkpoint_* directory or a run")
+    evaluate.add_argument("--corpus", type=Path, help="default: the corpus the model's run trained on")
+    evaluate.add_argument("--tasks", help="comma-separated (default: all): summarize,moderate,find,code,lm")
+    evaluate.add_argument("--split", default="test", choices=["val", "test"])
+    evaluate.add_argument("--limit", type=int, help="at most this many examples per task")
+    evaluate.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    evaluate.add_argument("--out", type=Path, help="write eval.json and eval.md here")
+    evaluate.add_argument(
+        "--no-code-checks",
+        action="store_true",
+        help="do not run generated code against its prompt's doctests (nothing is executed)",
+    )
+    evaluate.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else embedded)")
+
+    promote = sub.add_parser(
+        "promote",
+        help="export a run's best checkpoint, evaluate it, roll it out only if it beats the served model",
+    )
+    promote.add_argument("source", type=Path, help="a run directory (its best checkpoint) or a checkpoint_*")
+    promote.add_argument("--serve-config", type=Path, required=True, help="the Serve config to roll out")
+    promote.add_argument(
+        "--metrics",
+        help="comma-separated task.metric that must not get worse, one at least better "
+        "(default: lm.perplexity,summarize.rouge_l,moderate.macro_f1,find.mrr,code.parse_rate)",
+    )
+    promote.add_argument("--corpus", type=Path, help="default: the corpus the run trained on")
+    promote.add_argument("--limit", type=int, help="at most this many examples per task")
+    promote.add_argument(
+        "--address", help="the cluster's dashboard URL (default: RAY_DASHBOARD_ADDRESS, else the local one)"
+    )
+    promote.add_argument("--dry-run", action="store_true", help="evaluate and decide, deploy nothing")
 
     train = sub.add_parser("train", help="pretrain with Ray Train + DeepSpeed (same as python -m train)")
     train.add_argument("train_args", nargs=argparse.REMAINDER, help="python -m train's arguments")
@@ -95,6 +133,15 @@ def _parser() -> argparse.ArgumentParser:
         "--best", action="store_true", help="from a run: the lowest validation loss, not the latest"
     )
     export.add_argument("--overwrite", action="store_true")
+    export.add_argument(
+        "--format",
+        choices=["safetensors", "onnx"],
+        default="safetensors",
+        help="onnx: also write model.onnx (KV-cache inputs/outputs) for `backend: onnxruntime`",
+    )
+    export.add_argument(
+        "--quantize", choices=["int8"], help="with --format onnx: int8 weights (dynamic quantization)"
+    )
 
     serve = sub.add_parser(
         "serve", help="deploy the serving app (serve/config.yaml) and return once every endpoint answers"
@@ -188,7 +235,11 @@ def _model_presets(args) -> dict:
 def _export(args) -> dict:
     from train.export import export
 
-    out = export(args.source, args.out, best=args.best, overwrite=args.overwrite)
+    if args.quantize and args.format != "onnx":
+        raise OdysseyError("--quantize applies to --format onnx only")
+    out = export(
+        args.source, args.out, args.best, args.overwrite, onnx=args.format == "onnx", quantize=args.quantize
+    )
     return {"model": str(out)}
 
 
@@ -229,7 +280,52 @@ def _demo(args) -> dict:
     from odyssey.config import load_config
     from odyssey.demo import DemoConfig, run
 
-    return run(load_config(DemoConfig, None, args.overrides))
+    overrides = [*args.overrides, *(["keep_serving=true"] if args.keep_serving else [])]
+    return run(load_config(DemoConfig, None, overrides))
+
+
+def _eval(args) -> dict:
+    from odyssey import cluster
+    from odyssey.evaluation.inference import AnswerSettings
+    from odyssey.evaluation.runner import check_tasks, evaluate
+    from train.export import exported_model, training_corpus
+
+    tasks = check_tasks(args.tasks.split(",") if args.tasks else None)
+    with exported_model(args.model, onnx=args.backend == "onnxruntime") as model:
+        corpus = args.corpus or training_corpus(args.model)
+        if args.address:
+            cluster.connect(args.address)
+        settings = AnswerSettings(run_code_checks=not args.no_code_checks)
+        report = evaluate(
+            model,
+            corpus,
+            tasks,
+            args.split,
+            args.limit,
+            backend=args.backend,
+            settings=settings,
+            out=args.out,
+        )
+    print(
+        (args.out / "eval.md").read_text(encoding="utf-8")
+        if args.out
+        else json.dumps(report["tasks"], indent=1),
+        file=sys.stderr,
+    )
+    return {
+        "model_id": report["model_id"],
+        "metrics": report["metrics"],
+        "out": str(args.out) if args.out else None,
+    }
+
+
+def _promote(args) -> dict:
+    from serve.promote import DEFAULT_METRICS, promote
+
+    metrics = args.metrics.split(",") if args.metrics else list(DEFAULT_METRICS)
+    return promote(
+        args.source, args.serve_config, metrics, args.corpus, args.limit, args.address, dry_run=args.dry_run
+    )
 
 
 COMMANDS = {
@@ -239,6 +335,8 @@ COMMANDS = {
     ("model", "presets"): _model_presets,
     ("export", None): _export,
     ("demo", None): _demo,
+    ("eval", None): _eval,
+    ("promote", None): _promote,
     ("serve", None): _serve,
     ("cluster", "check"): _cluster_check,
     ("cluster", "local-up"): _cluster_local_up,
@@ -264,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for noisy in ("onnx_ir", "onnxscript", "absl", "bm25s", "httpx"):  # libraries' chatter at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     sub = getattr(args, f"{args.command}_command", None)
     try:
         result = COMMANDS[(args.command, sub)](args)

@@ -1,32 +1,33 @@
-"""`odyssey demo` (`make demo`): the whole core pipeline in one process, top to bottom.
+"""`odyssey demo` (`make demo`): the whole system on this machine, top to bottom.
 
-    corpus -> tokenizer -> packed blocks -> train the tiny model -> export -> reload -> one sample per task
+    local Ray cluster (loopback, token auth)
+      -> corpus + tokenizer + token blocks        (train/data.py, on the driver)
+      -> pretrain `tiny` on 2 workers, ZeRO-2     (Ray Train + DeepSpeed: train/launch.py)
+      -> export the best checkpoint               (safetensors + ONNX: train/export.py)
+      -> evaluate it, one Ray task per shard      (odyssey/evaluation)
+      -> deploy the Serve app                     (serve/launch.py, serve/config.yaml)
+      -> one request to every endpoint, printed
 
-It proves the pieces fit on any laptop in a minute or two. The distributed pipeline (Ray Train +
-DeepSpeed, Serve) builds on exactly these pieces.
+Everything lands under `out` (runs/demo): corpus/, runs/demo/ (the training run, its loss curve
+loss.png), model/, eval/. The cluster and the app stay up with --keep-serving (stop them with
+`odyssey serve stop`); otherwise they are stopped at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+import httpx
 
-from odyssey import artifact, optim
-from odyssey.config import to_dict
-from odyssey.data import corpus as corpus_mod
-from odyssey.data import packing
-from odyssey.data.corpus import CorpusConfig
+from odyssey.config import load_config
 from odyssey.errors import ConfigError
-from odyssey.model import ModelConfig, Transformer, pad_vocab, tiny
-from odyssey.progress import Progress
-from odyssey.tasks import MODERATION_LABELS, TASKS
-from odyssey.tokenizer import Tokenizer
+from odyssey.evaluation.inference import AnswerSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,182 +35,207 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig.from_preset("tiny"))
-    vocab_size: int = 4096
-    seq_len: int = 256
-    model: ModelConfig = field(default_factory=tiny)  # vocab and length follow the two above
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    mixture: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 1.0))  # task -> weight
-    eval_blocks: int = 16  # validation blocks per task
-    sample_tokens: int = 40
-    seed: int = 0
+    recipe: str = "tiny-cpu"  # the training recipe (train/configs/)
+    steps: int = 400  # ~4 minutes on 2 cores
+    seq_len: int = 256  # room for a code prompt and its answer
+    train: list[str] = field(default_factory=list)  # more `key=value` overrides of the recipe
+    eval_limit: int | None = None  # examples per task (None: the whole test split)
+    port: int = 8000
+    keep_serving: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ConfigError("steps and batch_size must be positive")
-        unknown = set(self.mixture) - set(TASKS)
-        if unknown:
-            raise ConfigError(f"mixture: unknown task {sorted(unknown)[0]!r}; tasks: {', '.join(TASKS)}")
-        if any(w < 0 for w in self.mixture.values()) or not any(w > 0 for w in self.mixture.values()):
-            raise ConfigError("mixture: weights must be >= 0 and at least one > 0")
+        if self.steps < 1:
+            raise ConfigError(f"steps={self.steps}: train at least one step")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"eval_limit={self.eval_limit}: use null (all) or >= 1")
 
 
-def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Tokenizer, Path]:
-    corpus_dir = out / "corpus"
-    corpus_mod.build_corpus(corpus_dir, cfg.corpus, overwrite=True)
-    tok = Tokenizer.train(corpus_mod.texts(corpus_dir, "train"), cfg.vocab_size)
-    tok.save(corpus_dir / "tokenizer.json")
-    log.info("tokenizer: %d tokens, trained on the train split", tok.vocab_size)
-    blocks_dir = corpus_dir / f"blocks-{cfg.seq_len}"
-    packing.pack_corpus(corpus_dir, tok, cfg.seq_len, blocks_dir, seed=cfg.seed, overwrite=True)
-    return corpus_dir, tok, blocks_dir
+def train_config(cfg: DemoConfig):
+    from train.config import TrainConfig, recipe_path
+
+    out = Path(cfg.out).resolve()
+    checkpoints = max(1, cfg.steps // 4)
+    overrides = [
+        "name=demo",
+        f"storage={out / 'runs'}",
+        f"data.corpus={out / 'corpus'}",
+        f"data.seq_len={cfg.seq_len}",
+        f"global_batch_tokens={16 * cfg.seq_len}",  # 16 sequences a step: 8 per worker
+        f"steps={cfg.steps}",
+        f"optim.warmup_steps={max(1, cfg.steps // 10)}",
+        f"eval_every={checkpoints}",
+        f"checkpoint_every={checkpoints}",
+        f"log_every={max(1, cfg.steps // 40)}",
+        *cfg.train,
+    ]
+    return load_config(TrainConfig, recipe_path(cfg.recipe), overrides)
 
 
-def load_split(blocks_dir: Path, split: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    out = {}
-    for task in TASKS:
-        ids, mask = packing.read_blocks(blocks_dir, task, split)
-        if len(ids):
-            out[task] = (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.bool_)))
-    return out
+def plot_loss(run_dir: Path, path: Path) -> Path:
+    """Training and validation loss against step, from the run's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train import events
+
+    rows = {r["step"]: r for r in events.read_metrics(run_dir)}  # a step trained twice: its last record
+    steps = sorted(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [rows[s]["loss"] for s in steps], label="train loss")
+    val = [s for s in steps if "val_loss" in rows[s]]
+    ax.plot(val, [rows[s]["val_loss"] for s in val], "o-", label="validation loss")
+    ax.set(
+        xlabel="step", ylabel="cross-entropy (nats/token)", title=f"{run_dir.name}: tiny, 2 workers, ZeRO-2"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
-def batch(data, tasks: list[str], weights: torch.Tensor, size: int, gen: torch.Generator):
-    """A batch of blocks: each row's task drawn by mixture weight, then a block of that task."""
-    rows = torch.multinomial(weights, size, replacement=True, generator=gen)
-    picks = []
-    for t in rows.tolist():
-        ids, mask = data[tasks[t]]
-        i = int(torch.randint(len(ids), (1,), generator=gen))
-        picks.append((ids[i], mask[i]))
-    ids = torch.stack([p[0] for p in picks])
-    mask = torch.stack([p[1] for p in picks])
-    return ids[:, :-1], ids[:, 1:], mask[:, 1:]  # inputs, targets, which targets are trained on
+def requests_from(corpus: Path) -> list[tuple[str, str, dict | None]]:
+    """One request per endpoint, built from held-out examples: (method, path, body)."""
+    from odyssey.data import corpus as corpus_mod
+
+    def first(task: str) -> dict:
+        return corpus_mod.read_split(corpus, task, "test").slice(0, 1).to_pylist()[0]
+
+    return [
+        ("GET", "/healthz", None),
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/summarize", {"text": first("summarize")["input"]}),
+        ("POST", "/v1/moderate", {"text": first("moderate")["input"]}),
+        ("POST", "/v1/find", {"query": first("find")["input"], "k": 3}),
+        ("POST", "/v1/code", {"prompt": first("code")["input"]}),
+        (
+            "POST",
+            "/v1/completions",
+            {"prompt": first("lm")["target"][:120], "max_tokens": 24, "temperature": 0},
+        ),
+    ]
 
 
-@torch.no_grad()
-def evaluate(model: Transformer, data, max_blocks: int) -> dict[str, float]:
-    model.eval()
-    losses = {}
-    for task, (ids, mask) in data.items():
-        ids, mask = ids[:max_blocks], mask[:max_blocks]
-        losses[task] = float(model(ids[:, :-1], ids[:, 1:], mask[:, 1:]))
-    model.train()
-    return losses
-
-
-def train(cfg: DemoConfig, model: Transformer, train_data, val_data) -> dict:
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    tasks = [t for t in TASKS if t in train_data and cfg.mixture.get(t, 0) > 0]
-    weights = torch.tensor([cfg.mixture[t] for t in tasks], dtype=torch.float)
-    opt = optim.adamw(model, cfg.lr, cfg.weight_decay)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    progress = Progress(cfg.steps, emit=log.info)
-    first_loss = loss = None
-    t_start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        optim.set_lr(opt, optim.lr_at(step - 1, cfg.lr, cfg.warmup_steps, cfg.steps))
-        inputs, targets, mask = batch(train_data, tasks, weights, cfg.batch_size, gen)
-        loss = model(inputs, targets, mask)
-        if not torch.isfinite(loss):
-            raise RuntimeError(
-                f"loss is {loss.item()} at step {step}; lower lr (now {cfg.lr}) or raise warmup_steps"
+def call_every_endpoint(base: str, corpus: Path) -> list[dict]:
+    calls = []
+    with httpx.Client(base_url=base, timeout=120) as http:
+        for method, path, body in requests_from(corpus):
+            r = http.request(method, path, json=body)
+            calls.append(
+                {"request": f"{method} {path}", "body": body, "status": r.status_code, "answer": r.json()}
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        first_loss = first_loss if first_loss is not None else loss.item()
-        progress.update(step, step * tokens_per_step, loss=loss.item())
-    seconds = time.perf_counter() - t_start
-    val = evaluate(model, val_data, cfg.eval_blocks)
-    return {
-        "steps": cfg.steps,
-        "tokens": cfg.steps * tokens_per_step,
-        "first_loss": round(first_loss, 4),
-        "final_loss": round(loss.item(), 4),
-        "val_loss": {t: round(v, 4) for t, v in val.items()},
-        "tokens_per_s": round(cfg.steps * tokens_per_step / seconds),
-        "train_seconds": round(seconds, 1),
-    }
+    return calls
 
 
-def show_samples(model: Transformer, tok: Tokenizer, corpus_dir: Path, cfg: DemoConfig) -> list[dict]:
-    """One held-out example per task: prompt, expected, and what the model says."""
-    samples = []
-    room = cfg.seq_len - cfg.sample_tokens
-    for task in TASKS:
-        table = corpus_mod.read_split(corpus_dir, task, "test")
-        if table.num_rows == 0:
-            continue
-        row = table.slice(0, 1).to_pylist()[0]
-        # lm: the model continues the first 200 characters of a held-out text.
-        text, expected = (
-            (row["input"], row["target"]) if task != "lm" else (row["target"][:200], row["target"][200:])
-        )
-        prompt = tok.prompt(task, text)[:room]
-        out = model.generate(
-            [prompt], cfg.sample_tokens, temperature=0.0, stop_ids=[tok.eos_id], pad_id=tok.pad_id
-        )[0]
-        sample = {
-            "task": task,
-            "input": text[:160],
-            "expected": expected[:160],
-            "generated": tok.decode(out)[:160],
-        }
-        if task == "moderate":  # label scoring: the label the model finds likeliest
-            labels = [[*tok.encode(label), tok.eos_id] for label in MODERATION_LABELS]
-            scores = model.score([prompt] * len(labels), labels, tok.pad_id)
-            sample["label_scores"] = {
-                label: round(float(s), 2) for label, s in zip(MODERATION_LABELS, scores)
-            }
-        if task == "find":  # passage search by embedding: where does the right passage rank?
-            passages = table.column("target").to_pylist()[:50]
-            query = model.embed([tok.prompt(task, row["input"])[:room]], tok.pad_id)
-            docs = model.embed([tok.encode(p)[: cfg.seq_len] or [tok.pad_id] for p in passages], tok.pad_id)
-            rank = int((docs @ query.T).squeeze(1).argsort(descending=True).tolist().index(0)) + 1
-            sample["passage_rank"] = f"{rank} of {len(passages)}"
-        samples.append(sample)
-    return samples
+def show(calls: list[dict], base: str) -> None:
+    def short(value, n: int = 300) -> str:
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= n else text[: n - 3] + "..."
+
+    for c in calls:
+        print(f"\n{c['request']}  ->  {c['status']}")
+        if c["body"] is not None:
+            print(f"  request: {short(c['body'])}")
+        print(f"  answer:  {short(c['answer'], 600)}")
+    print(
+        f"\nThe endpoints (OpenAPI docs: {base}/docs):\n"
+        f"  curl -s {base}/v1/summarize -H 'Content-Type: application/json' -d '{{\"text\": \"...\"}}'\n"
+        f"  curl -s {base}/v1/moderate  -H 'Content-Type: application/json' -d '{{\"text\": \"...\"}}'\n"
+        f'  curl -s {base}/v1/find      -H \'Content-Type: application/json\' -d \'{{"query": "...", "k": 5}}\'\n'
+        f"  curl -s {base}/v1/code      -H 'Content-Type: application/json' -d '{{\"prompt\": \"...\"}}'\n"
+        f'  curl -s {base}/v1/completions -H \'Content-Type: application/json\' -d \'{{"prompt": "...", "max_tokens": 32}}\''
+    )
 
 
 def run(cfg: DemoConfig) -> dict:
-    out = Path(cfg.out)
+    from odyssey import cluster
+    from odyssey.evaluation.runner import evaluate
+    from serve import launch
+    from train import checkpoint
+    from train.export import export
+    from train.launch import run as train
+
     t0 = time.perf_counter()
-    corpus_dir, tok, blocks_dir = prepare_data(cfg, out)
-    model_cfg = replace(cfg.model, vocab_size=pad_vocab(tok.vocab_size), max_seq_len=cfg.seq_len)
-    model = Transformer(model_cfg)
-    log.info(
-        "model: %.2fM parameters, %.1f MFLOP/token; training %d steps of %d x %d tokens",
-        model.num_params() / 1e6,
-        model.flops_per_token(cfg.seq_len) / 1e6,
-        cfg.steps,
-        cfg.batch_size,
-        cfg.seq_len,
-    )
-    train_data, val_data = load_split(blocks_dir, "train"), load_split(blocks_dir, "val")
-    result = train(cfg, model, train_data, val_data)
-    model_dir = artifact.save_model(
-        out / "model", model, tok, metadata={"demo": to_dict(cfg), "result": result}
-    )
-    model, tok, _ = artifact.load_model(model_dir)  # what serving will do: weights from safetensors only
-    samples = show_samples(model, tok, corpus_dir, cfg)
-    for s in samples:
-        print(f"\n[{s['task']}]")
-        for key in ("input", "expected", "generated", "label_scores", "passage_rank"):
-            if key in s:
-                print(f"  {key:>12}: {s[key]!r}" if isinstance(s[key], str) else f"  {key:>12}: {s[key]}")
-    summary = {
-        "run_dir": str(out),
-        "model": str(model_dir),
-        **result,
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    train_cfg = train_config(cfg)  # a bad override fails here, before a cluster starts
+    stages: dict[str, float] = {}
+
+    def stage(name: str, since: float) -> float:
+        now = time.perf_counter()
+        stages[name] = round(now - since, 1)
+        log.info("demo: %s done in %.1f s", name, now - since)
+        return now
+
+    # 1. A local cluster on loopback with token auth; it outlives this process when kept serving. Its
+    # logical CPUs: 2 training workers + 1 for Ray Data's readers at least (each worker sets its own
+    # thread count, so the cores are not oversubscribed).
+    dashboard, _ = launch.find_or_start_cluster(None, num_cpus=max(os.cpu_count() or 1, 4))
+    head = cluster.LocalHead.load(launch.state_file())
+    cluster.connect(head.gcs_address)
+    t = stage("cluster", t0)
+    try:
+        # 2-3. Data on the driver (missing pieces only), then pretraining on 2 workers with ZeRO-2.
+        summary = train(train_cfg, head.gcs_address)
+        run_dir = Path(summary["run_dir"])
+        plot = plot_loss(run_dir, run_dir / "loss.png")
+        t = stage("train", t)
+        # 4. The best checkpoint by validation loss, in the serving format (+ ONNX for ONNX Runtime).
+        model = export(checkpoint.find(run_dir, best=True), out / "model", overwrite=True, onnx=True)
+        t = stage("export", t)
+        # 5. Held-out evaluation, in Ray tasks.
+        report = evaluate(
+            model, train_cfg.data.corpus, limit=cfg.eval_limit, out=out / "eval", settings=AnswerSettings()
+        )
+        t = stage("eval", t)
+        print("\n" + (out / "eval" / "eval.md").read_text(encoding="utf-8"), end="")
+        # 6. The Serve app, then one real request to every endpoint.
+        served = launch.deploy(model, cfg.port, address=dashboard)
+        t = stage("serve", t)
+        calls = call_every_endpoint(served["url"], Path(train_cfg.data.corpus))
+        stage("requests", t)
+        show(calls, served["url"])
+    except BaseException:
+        _stop(launch, cluster_too=not cfg.keep_serving)
+        raise
+    _stop(launch, cluster_too=not cfg.keep_serving)  # no Ray log line may follow the summary on stdout
+    if cfg.keep_serving:
+        print(
+            f"\nStill serving at {served['url']} (dashboard {dashboard}). Stop it all with: odyssey serve stop"
+        )
+    else:
+        print("\nStopped the app and the local cluster. `odyssey demo --keep-serving` leaves them up.")
+    result = {
+        "out": str(out),
+        "run_dir": str(run_dir),
+        "loss_plot": str(plot),
+        "model": str(model),
+        "eval": str(out / "eval" / "eval.json"),
+        "metrics": report["metrics"],
+        "training": {
+            k: summary[k] for k in ("steps", "tokens", "first_loss", "final_loss", "val_loss", "tokens_per_s")
+        },
+        "url": served["url"] if cfg.keep_serving else None,
+        "dashboard": dashboard if cfg.keep_serving else None,
+        "calls": {c["request"]: c["status"] for c in calls},
+        "stages_s": stages,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "summary.json").write_text(json.dumps({**summary, "samples": samples}, indent=2) + "\n")
-    return summary
+    (out / "summary.json").write_text(json.dumps({**result, "answers": calls}, indent=2) + "\n")
+    return result
+
+
+def _stop(launch, cluster_too: bool) -> None:
+    """Disconnect this driver; with cluster_too, also delete the app and stop the local cluster."""
+    from odyssey import cluster
+
+    cluster.disconnect()
+    if not cluster_too:
+        return
+    try:
+        launch.stop()
+    except Exception as e:
+        print(f"could not stop the local cluster ({e}); run `odyssey serve stop`", file=sys.stderr)

@@ -3,6 +3,8 @@ corpus, the tokenizer, training and serving all agree on."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Literal
 
 TASKS = ("summarize", "moderate", "find", "code", "lm")
@@ -35,3 +37,22 @@ def parse_labels(text: str) -> set[str]:
     """Inverse of format_labels; unknown words are ignored."""
     found = {part.strip() for part in text.split(",")} & set(MODERATION_LABELS)
     return found - {"safe"} if len(found) > 1 else found
+
+
+# Every answer the moderation task was trained to give: "safe", or the unsafe labels that apply, in
+# canonical order. Scoring each whole answer and summing gives every label's probability of applying.
+ANSWERS = [
+    tuple(combo) for n in range(len(UNSAFE_LABELS) + 1) for combo in itertools.combinations(UNSAFE_LABELS, n)
+]
+
+
+def label_probabilities(logprobs: list[float]) -> dict[str, float]:
+    """Log-probabilities of ANSWERS -> probability of each label (softmax over answers, then marginals)."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    probs = {label: 0.0 for label in MODERATION_LABELS}
+    for answer, w in zip(ANSWERS, weights):
+        for label in answer or ("safe",):
+            probs[label] += w / total
+    return probs

@@ -54,6 +54,7 @@ class AppArgs(BaseModel):
     model_path: str  # an exported model: model.safetensors + config.json + tokenizer.json
     model_name: str | None = None  # the name /v1/models shows; default: the model directory's name
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    backend: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: `odyssey export --format onnx`
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)
     model: ModelArgs = Field(default_factory=ModelArgs)
@@ -67,6 +68,11 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.backend == "onnxruntime" and (self.model.device != "cpu" or self.dtype != "float32"):
+            raise ValueError(
+                f"backend onnxruntime runs float32 on CPU; got device={self.model.device}, "
+                f"dtype={self.dtype}: use backend torch on GPUs"
+            )
         if self.model.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"model.max_ongoing_requests={self.model.max_ongoing_requests} < max_batch_size="
@@ -78,6 +84,7 @@ class AppArgs(BaseModel):
         return LanguageModelSettings(
             model_path=self.model_path,
             dtype=self.dtype,
+            backend=self.backend,
             max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s,
         ).model_dump()

@@ -16,7 +16,6 @@ between steps the loop takes in new requests, which queue for the next batch.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import sys
@@ -32,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from odyssey import artifact
+from odyssey import artifact, ort_model
 from odyssey.model import Transformer
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
@@ -55,6 +54,7 @@ class LanguageModelSettings(BaseModel):
 
     model_path: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    backend: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: float32 on CPU, needs model.onnx
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)
 
@@ -79,21 +79,16 @@ class Loaded:
         return [(prompt, [*self.tokenizer.encode(o), self.tokenizer.eos_id]) for o in options]
 
 
-def _weights_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path / artifact.WEIGHTS, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:12]
-
-
-def load(settings: LanguageModelSettings, device: str, name: str | None = None) -> Loaded:
+def load(settings: LanguageModelSettings, device: str, name: str | None = None, threads: int = 1) -> Loaded:
     path = Path(settings.model_path)
-    model, tokenizer, config = artifact.load_model(path, device=device, dtype=DTYPES[settings.dtype])
+    if settings.backend == "onnxruntime":
+        model, tokenizer, config = ort_model.load(path, threads)
+    else:
+        model, tokenizer, config = artifact.load_model(path, device=device, dtype=DTYPES[settings.dtype])
     if tokenizer is None:
         raise ValueError(f"{path} has no {artifact.TOKENIZER}: export the model with `odyssey export`")
     name = name or config.get("name") or path.resolve().name
-    return Loaded(model, tokenizer, name, f"{name}@{_weights_digest(path)}")
+    return Loaded(model, tokenizer, name, f"{name}@{artifact.weights_digest(path)}")
 
 
 @dataclass
@@ -121,6 +116,7 @@ class LanguageModel:
         torch.set_num_threads(threads)  # the CPUs this replica reserved, no more: replicas share machines
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.device = device
+        self.threads = threads
         self.model_name = model_name
         self.loaded: Loaded | None = None
         self.settings: LanguageModelSettings | None = None
@@ -130,8 +126,9 @@ class LanguageModel:
     async def reconfigure(self, config: dict) -> None:
         settings = LanguageModelSettings(**config)
         old = self.settings
-        if old is None or (settings.model_path, settings.dtype) != (old.model_path, old.dtype):
-            loaded = await asyncio.to_thread(load, settings, self.device, self.model_name)
+        which = ("model_path", "dtype", "backend")
+        if old is None or any(getattr(settings, k) != getattr(old, k) for k in which):
+            loaded = await asyncio.to_thread(load, settings, self.device, self.model_name, self.threads)
             log.info("serving %s from %s", loaded.id, settings.model_path)
             self.loaded = loaded  # one assignment: requests see the old model or the new one, never a mix
         for method in (self._generate_batch, self._stream_batch, self._embed_batch, self._score_batch):
@@ -152,6 +149,7 @@ class LanguageModel:
             "params": m.model.num_params(),
             "device": self.device,
             "dtype": self.settings.dtype,
+            "backend": self.settings.backend,
             "model_path": self.settings.model_path,
             "replica_pid": os.getpid(),
         }

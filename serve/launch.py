@@ -67,8 +67,9 @@ def serve_config(config_path: Path, model: Path, port: int | None, overrides: li
         raise OdysseyError(f"serve config: {field}: {first['msg']}") from None
 
 
-def find_or_start_cluster(address: str | None) -> tuple[str, bool]:
-    """(dashboard URL, whether this call started the cluster)."""
+def find_or_start_cluster(address: str | None, num_cpus: int | None = None) -> tuple[str, bool]:
+    """(dashboard URL, whether this call started the cluster). num_cpus: the logical CPUs of a cluster it
+    starts (default: the machine's cores)."""
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS")
     if address:
         return address, False
@@ -76,7 +77,7 @@ def find_or_start_cluster(address: str | None) -> tuple[str, bool]:
     if head is not None and head.alive():
         return head.dashboard_url, False
     print("starting a local Ray cluster (loopback, token auth)...", file=sys.stderr)
-    head = cluster.start_head()
+    head = cluster.start_head(num_cpus=num_cpus)
     head.save(state_file())
     return head.dashboard_url, True
 
@@ -114,6 +115,15 @@ def probe(base: str, headers: dict) -> dict[str, int]:
         return {path: http.request(method, path, json=body).status_code for method, path, body in calls}
 
 
+def api_key_headers(config: dict) -> dict:
+    """The Authorization header of the app's first API key (from this environment), if it has any."""
+    from serve.app import AppArgs
+
+    keys_env = AppArgs(**config["applications"][0]["args"]).gateway.api_keys_env
+    keys = os.environ.get(keys_env, "")
+    return {"Authorization": f"Bearer {keys.split(',')[0].strip()}"} if keys.strip() else {}
+
+
 def deploy(
     model: Path,
     port: int | None = None,
@@ -139,11 +149,7 @@ def deploy(
     wait_running(client, timeout_s)
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{wanted}"
-    from serve.app import AppArgs
-
-    keys_env = AppArgs(**config["applications"][0]["args"]).gateway.api_keys_env
-    keys = os.environ.get(keys_env, "")
-    headers = {"Authorization": f"Bearer {keys.split(',')[0].strip()}"} if keys.strip() else {}
+    headers = api_key_headers(config)
     deadline = time.monotonic() + 120
     while True:  # the proxy may need a moment after the app turns RUNNING
         try:

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import bm25s
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from odyssey.bm25 import BM25
 from odyssey.data import legal
 from odyssey.data.schema import Document
 from odyssey.errors import OdysseyError
@@ -87,8 +87,7 @@ class PassageIndex:
         if not passages:
             raise OdysseyError("the passage index needs at least one passage")
         self.passages = passages
-        self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize([p.text for p in passages], show_progress=False), show_progress=False)
+        self.bm25 = BM25([p.text for p in passages])
         self.vectors: torch.Tensor | None = None  # (P, D) unit vectors
         self.model_id: str | None = None
 
@@ -101,8 +100,7 @@ class PassageIndex:
         self.vectors, self.model_id = vectors.float(), model_id
 
     def bm25_scores(self, query: str) -> np.ndarray:
-        words = bm25s.tokenize(query, return_ids=False, show_progress=False)[0]
-        return np.asarray(self.bm25.get_scores(words), dtype=np.float32)  # (P,)
+        return self.bm25.scores(query)  # (P,)
 
     def search(
         self, query: str, k: int, query_vector: torch.Tensor | None = None, model_id: str | None = None

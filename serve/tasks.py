@@ -4,15 +4,13 @@ serve/finder.py.)"""
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import itertools
-import math
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from odyssey.tasks import MODERATION_LABELS, UNSAFE_LABELS, format_labels
+from odyssey.code_checks import completion_error
+from odyssey.tasks import ANSWERS, format_labels, label_probabilities
 from serve.generation import GenerationParams
 
 
@@ -39,25 +37,6 @@ class Summarizer:
         }
 
 
-# Every answer the moderation task was trained to give: "safe", or the unsafe labels that apply, in
-# canonical order. Scoring each whole answer and summing gives every label's probability of applying.
-ANSWERS = [
-    tuple(combo) for n in range(len(UNSAFE_LABELS) + 1) for combo in itertools.combinations(UNSAFE_LABELS, n)
-]
-
-
-def label_probabilities(logprobs: list[float]) -> dict[str, float]:
-    """Log-probabilities of ANSWERS -> probability of each label (softmax over answers, then marginals)."""
-    top = max(logprobs)
-    weights = [math.exp(lp - top) for lp in logprobs]
-    total = sum(weights)
-    probs = {label: 0.0 for label in MODERATION_LABELS}
-    for answer, w in zip(ANSWERS, weights):
-        for label in answer or ("safe",):
-            probs[label] += w / total
-    return probs
-
-
 @serve.deployment(name="Moderator")
 class Moderator:
     def __init__(self, lm: DeploymentHandle, threshold: float = 0.5):
@@ -76,19 +55,6 @@ class Moderator:
         }
 
 
-def syntax_error(code: str) -> str | None:
-    """None when code parses as Python, else what is wrong and where. Nothing is no answer."""
-    if not code.strip():
-        return "no code: the model ended its answer before writing any"
-    try:
-        ast.parse(code)
-    except SyntaxError as e:
-        return f"SyntaxError: {e.msg} (line {e.lineno})"
-    except ValueError as e:  # e.g. a null byte
-        return f"ValueError: {e}"
-    return None
-
-
 @serve.deployment(name="Coder")
 class Coder:
     """Code from a plain-language prompt. Several attempts go out at once (greedy, then samples) and
@@ -104,7 +70,7 @@ class Coder:
             for i in range(1, self.attempts)
         ]
         outs = await asyncio.gather(*(self.lm.generate.remote("code", prompt, p) for p in tries))
-        errors = [syntax_error(o["text"]) for o in outs]
+        errors = [completion_error(prompt, o["text"]) for o in outs]
         best = next((i for i, e in enumerate(errors) if e is None), 0)
         return {
             "code": outs[best]["text"],

@@ -67,7 +67,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def exported_models(tmp_path_factory, tokenizer):
     """Two freshly initialised tiny models (different seeds) in the serving format, with the session's
-    tokenizer: what `odyssey export` writes, without a training run."""
+    tokenizer: what `odyssey export` writes, without a training run. The first also has model.onnx
+    (`--format onnx`), for the ONNX Runtime backend."""
     from dataclasses import replace
 
     import torch
@@ -80,7 +81,7 @@ def exported_models(tmp_path_factory, tokenizer):
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = Transformer(replace(tiny(), vocab_size=pad_vocab(tokenizer.vocab_size), max_seq_len=256))
-        paths.append(artifact.save_model(out / f"tiny-{seed}", model, tokenizer))
+        paths.append(artifact.save_model(out / f"tiny-{seed}", model, tokenizer, onnx=seed == 0))
     return paths
 
 

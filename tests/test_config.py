@@ -8,9 +8,10 @@ from typing import Literal
 import pytest
 
 from odyssey.config import apply_overrides, from_dict, load_config
-from odyssey.demo import DemoConfig
+from odyssey.data.corpus import CorpusConfig
 from odyssey.errors import ConfigError
-from odyssey.model import ModelConfig
+from odyssey.model import ModelConfig, tiny
+from train.config import DataConfig
 
 
 @dataclass
@@ -64,19 +65,25 @@ def test_bad_yaml_files(tmp_path):
         load_config(Outer, tmp_path / "broken.yaml")
 
 
+@dataclass
+class WithPresets:
+    model: ModelConfig = field(default_factory=tiny)
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig.from_preset("tiny"))
+
+
 def test_presets_with_partial_overrides():
     cfg = from_dict(
-        DemoConfig, apply_overrides({"model": "small"}, ["model.n_layer=3", "corpus.max_docs.legal=5"])
+        WithPresets, apply_overrides({"model": "small"}, ["model.n_layer=3", "corpus.max_docs.legal=5"])
     )
     assert cfg.model == ModelConfig.from_preset("small", n_layer=3)
     assert (
         cfg.corpus.max_docs["legal"] == 5 and cfg.corpus.max_docs["debian"] == 150
     )  # the rest of the preset stays
     with pytest.raises(ConfigError, match=r"model.preset: unknown model preset 'huge'"):
-        from_dict(DemoConfig, {"model": {"preset": "huge"}})
+        from_dict(WithPresets, {"model": {"preset": "huge"}})
     with pytest.raises(ConfigError, match=r"model: d_model=130 is not divisible by n_head=4"):
-        from_dict(DemoConfig, {"model": {"d_model": 130}})
+        from_dict(WithPresets, {"model": {"d_model": 130}})
     with pytest.raises(ConfigError, match=r"model: head_dim = d_model / n_head = 25 must be even"):
-        from_dict(DemoConfig, {"model": {"d_model": 100}})
+        from_dict(WithPresets, {"model": {"d_model": 100}})
     with pytest.raises(ConfigError, match=r"mixture: unknown task 'translate'"):
-        from_dict(DemoConfig, {"mixture": {"translate": 1.0}})
+        from_dict(DataConfig, {"mixture": {"translate": 1.0}})

@@ -1,6 +1,8 @@
 """Serving for real: the app graph on the session's local Ray cluster, called through Serve's HTTP
-proxy with httpx. Two apps side by side: `main` (defaults) and `strict` (API keys, a tiny queue, a
-short timeout and a long batch wait) for the 401 / 503 / 504 paths."""
+proxy with httpx. Two apps side by side: `main` (defaults, with the model in ONNX Runtime: every
+endpoint below runs on that backend; the torch backend serves in test_serve_deploy.py and
+test_pipeline.py) and `strict` (torch; API keys, a tiny queue, a short timeout and a long batch wait)
+for the 401 / 503 / 504 paths."""
 
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ def served(ray_cluster, exported_models, corpus_dir, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "api_keys"
     keys.write_text(f"{KEY}\n")
     documents = str(corpus_dir / "documents")
-    main = AppArgs(model_path=str(exported_models[0]), documents=documents, max_batch_size=8)
+    main = AppArgs(
+        model_path=str(exported_models[0]), documents=documents, max_batch_size=8, backend="onnxruntime"
+    )
     strict = AppArgs(
         model_path=str(exported_models[0]),
         documents=documents,
@@ -144,6 +148,7 @@ def test_models_health_and_docs(served):
     models = served.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny-0"
     assert models["data"][0]["root"] == lm_info()["id"]
+    assert lm_info()["backend"] == "onnxruntime" and lm_info("strict")["backend"] == "torch"
     assert served.get("/healthz").json()["status"] == "ok"
     spec = served.get("/openapi.json").json()
     assert {"/v1/summarize", "/v1/moderate", "/v1/find", "/v1/code", "/v1/completions", "/v1/models"} <= set(

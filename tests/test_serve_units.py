@@ -10,14 +10,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from odyssey.code_checks import completion_error, syntax_error
 from odyssey.data.schema import Document
 from odyssey.errors import OdysseyError
 from odyssey.model import Transformer, pad_vocab, tiny
+from odyssey.tasks import ANSWERS, label_probabilities
 from serve.app import AppArgs
 from serve.gateway import GatewaySettings, load_key_digests
 from serve.generation import BatchDecoder, GenerationParams, TextStream
 from serve.passages import PassageIndex, load_documents, split_documents
-from serve.tasks import ANSWERS, label_probabilities, syntax_error
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,13 @@ def test_syntax_error():
     assert syntax_error("def f(x):\n    return x + 1\n") is None
     assert "line 1" in syntax_error("def f(:")
     assert syntax_error("   ") is not None  # no code is no answer
+    # The model writes a body: after a signature + docstring the whole function must parse, after
+    # plain language the dedented body must.
+    signature = 'def add(a, b):\n    """Sum."""'
+    assert completion_error(signature, "    return a + b") is None
+    assert "SyntaxError" in completion_error(signature, "    return (a")
+    assert completion_error("add two numbers", "    x = 1\n    print(x)") is None
+    assert completion_error("add two numbers", "    x = (") is not None
 
 
 # --- configuration -----------------------------------------------------------------------------------------

@@ -8,10 +8,14 @@ result loads into the core Transformer with every key matched, and DeepSpeed is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 
 from odyssey import artifact
 from odyssey.config import from_dict
@@ -33,8 +37,16 @@ def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict[str, 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=checkpoint.TAG)
 
 
-def export(source: str | Path, out: str | Path, best: bool = False, overwrite: bool = False) -> Path:
-    """Export a checkpoint (or a run's latest, or best with best=True) to `out`; returns `out`."""
+def export(
+    source: str | Path,
+    out: str | Path,
+    best: bool = False,
+    overwrite: bool = False,
+    onnx: bool = False,
+    quantize: str | None = None,
+) -> Path:
+    """Export a checkpoint (or a run's latest, or best with best=True) to `out`; returns `out`. With
+    onnx=True the directory also gets model.onnx, for the ONNX Runtime backend."""
     ckpt = checkpoint.find(source, best=best)
     meta = checkpoint.read_meta(ckpt)
     model = Transformer(from_dict(ModelConfig, meta["model"], "model"))
@@ -51,4 +63,38 @@ def export(source: str | Path, out: str | Path, best: bool = False, overwrite: b
         "tokens": meta["tokens"],
         "val_loss": meta["val_loss"],
     }
-    return artifact.save_model(out, model, tokenizer, metadata=metadata, overwrite=overwrite)
+    return artifact.save_model(
+        out, model, tokenizer, metadata=metadata, overwrite=overwrite, onnx=onnx, onnx_quantize=quantize
+    )
+
+
+def is_exported(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / artifact.CONFIG).is_file() and (path / artifact.WEIGHTS).is_file()
+
+
+@contextlib.contextmanager
+def exported_model(source: str | Path, onnx: bool = False) -> Iterator[Path]:
+    """An exported model directory for `source`: itself when it is one, else its checkpoint (a run's
+    best) exported into a temporary directory that is removed afterwards."""
+    if is_exported(source):
+        yield Path(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="odyssey-export-") as tmp:
+        yield export(source, Path(tmp) / Path(source).resolve().name, best=True, onnx=onnx)
+
+
+def training_corpus(source: str | Path) -> Path:
+    """The corpus the run behind `source` (a run, a checkpoint, or a model exported from one) trained
+    on, from the run's config.yaml."""
+    source = Path(source)
+    if is_exported(source):
+        origin = artifact.read_config(source).get("source_checkpoint")
+        if origin is None:
+            raise OdysseyError(f"{source} does not say which run it came from: pass --corpus")
+        source = Path(origin)
+    ckpt = checkpoint.find(source)
+    config = ckpt.parent / "config.yaml"
+    if not config.is_file():
+        raise OdysseyError(f"{config} is missing: pass --corpus")
+    return Path(yaml.safe_load(config.read_text(encoding="utf-8"))["data"]["corpus"])

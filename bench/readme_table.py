@@ -1,0 +1,160 @@
+"""The README's results table, rebuilt from bench/results/*.json (`make bench` runs this last).
+
+    python bench/readme_table.py [--check]
+
+One row per headline figure: what, ours, baseline, ratio (ours over baseline, oriented so that > 1 is
+better), machine and date. The table sits between the two `bench:table` markers in README.md; the rest
+of the README is left as it is. --check exits 1 when the README's table is not what the results say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- bench:table:begin -->", "<!-- bench:table:end -->"
+
+
+def _k(x: float) -> str:
+    return f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x / 1e3:.1f} k" if x >= 1e4 else f"{x:,.0f}"
+
+
+def data(f: dict) -> list[tuple]:
+    enc = f["encode_tokens_per_s"]
+    return [
+        ("tokenize + pack the full corpus (tokens/s)", _k(f["pack_tokens_per_s"]["median"]), "target 1.00 M", f["pack_tokens_per_s"]["median"] / 1e6),
+        ("tokenizer encode: ours (ignore_merges) vs plain BPE (tokens/s)", _k(enc["shipped_ignore_merges"]), _k(enc["plain_bpe"]), enc["ratio"]),
+    ]  # fmt: skip
+
+
+def train_throughput(f: dict) -> list[tuple]:
+    s = f["settings"]
+    best = s[f["best"]]
+    return [
+        ("training `small`: Ray Train + DeepSpeed ZeRO-0, 1 worker vs plain PyTorch loop (tokens/s)", f"{s['zero0-w1']['tokens_per_s']:.0f}", f"{s['plain']['tokens_per_s']:.0f}", f["deepspeed_1_worker_vs_plain"]),
+        (f"training MFU, best setting ({f['best']})", f"{best['mfu']:.0%}", "target 60%", best["mfu"] / 0.6),
+    ]  # fmt: skip
+
+
+def train_overhead(f: dict) -> list[tuple]:
+    t = f["tokens_per_s"]
+    return [
+        (
+            "whole Ray Train stack vs plain loop, same steps (tokens/s)",
+            f"{t['ray-train']:.0f}",
+            f"{t['plain']:.0f}",
+            f["vs_plain"]["ray-train"],
+        )
+    ]
+
+
+def serve_load(f: dict) -> list[tuple]:
+    kv, lat = f["kv_cache"], f["latency_ms"]
+    at = f["batching_speedup_at"]
+    batched = next(r for r in f["sweep"]["completions"]["batched"] if r["concurrency"] == at)
+    unbatched = next(r for r in f["sweep"]["completions"]["unbatched"] if r["concurrency"] == at)
+    return [
+        (f"serving: batched vs unbatched completions at {at} clients (req/s)", f"{batched['req_per_s']}", f"{unbatched['req_per_s']}", f["batching_speedup"]["completions"]),
+        ("decoding with the KV cache vs recomputing (tokens/s, 128 tokens)", f"{kv['kv_tokens_per_s']}", f"{kv['recompute_tokens_per_s']}", kv["speedup"]),
+        ("latency Serve adds to a 1-token completion vs a no-op Serve app's whole latency (p50 ms)", f"{lat['added_p50']}", f"{lat['noop_app_p50']}", lat["noop_app_p50"] / lat["added_p50"]),
+    ]  # fmt: skip
+
+
+def tune_efficiency(f: dict) -> list[tuple]:
+    grid, asha = f["sweeps"]["grid"], f["sweeps"]["optuna-asha"]
+    return [
+        ("sweep: Optuna + ASHA vs full grid, tokens to the same best loss", _k(asha["tokens"]), _k(grid["tokens"]), grid["tokens"] / asha["tokens"]),
+        ("µP: shift of the best learning rate over 16x width (grid steps)", f"{f['mup']['best']['mup']['shift_steps']}", f"SP {f['mup']['best']['sp']['shift_steps']}", None),
+    ]  # fmt: skip
+
+
+def elastic(f: dict) -> list[tuple]:
+    scenarios = {k: v for k, v in f.items() if isinstance(v, dict) and "back_to_training_s" in v}
+    worst = max(scenarios, key=lambda k: scenarios[k]["back_to_training_s"])
+    s = scenarios[worst]["back_to_training_s"]
+    return [
+        (
+            f"elastic training: back to training after a failure or resize (worst: {worst}, s)",
+            f"{s}",
+            "target 60",
+            60 / s,
+        )
+    ]
+
+
+def onnx(f: dict) -> list[tuple]:
+    rows = []
+    for key, label in (("speedup", "float32"), ("speedup_int8", "int8 weights")):
+        for kind, what in (("forward", "forward pass"), ("generate", "generation, 64 tokens")):
+            n = sum(r["kind"] == kind for shapes in f["presets"].values() for r in shapes.values())
+            rows.append((
+                f"ONNX Runtime ({label}) vs torch eager, {what}: median over {n} shapes x presets (range)",
+                f"{f[f'median_{key}'][kind]:.2f}x ({f[f'min_{key}'][kind]:.2f}x-{_max(f, key, kind):.2f}x)",
+                "torch eager, 1x", f[f"median_{key}"][kind],
+            ))  # fmt: skip
+    return rows
+
+
+def _max(f: dict, key: str, kind: str) -> float:
+    return max(r[key] for shapes in f["presets"].values() for r in shapes.values() if r["kind"] == kind)
+
+
+HEADLINES = {
+    "data": data,
+    "train_throughput": train_throughput,
+    "train_overhead": train_overhead,
+    "serve_load": serve_load,
+    "tune_efficiency": tune_efficiency,
+    "elastic": elastic,
+    "onnx": onnx,
+}
+
+
+def table() -> str:
+    lines = [
+        "| bench | what | ours | baseline | ratio | machine, date |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows_of in HEADLINES.items():
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            lines.append(f"| `{name}` | not run yet: `python bench/{name}.py` | | | | |")
+            continue
+        record = json.loads(path.read_text())
+        m = record["machine"]
+        machine = f"{m['cpu'].split(' ')[0]} {m['cores']} cores{', ' + m['gpu'] if m.get('gpu') else ''}, {record['date']}"
+        for what, ours, baseline, ratio in rows_of(record["figures"]):
+            ratio_text = "" if ratio is None else f"{ratio:.2f}x"
+            lines.append(
+                f"| [`{name}`](bench/results/{name}.md) | {what} | {ours} | {baseline} | {ratio_text} | {machine} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail when README.md's table is stale")
+    args = parser.parse_args()
+    text = README.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        print(f"README.md lacks the {BEGIN} ... {END} markers", file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+    if args.check:
+        if new != text:
+            print("README.md's results table is stale: run `python bench/readme_table.py`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new, encoding="utf-8")
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
