@@ -27,7 +27,6 @@ import httpx
 
 from odyssey.config import load_config
 from odyssey.errors import ConfigError
-from odyssey.evaluation.inference import AnswerSettings
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +186,7 @@ def run(cfg: DemoConfig) -> dict:
         model = export(checkpoint.find(run_dir, best=True), out / "model", overwrite=True, onnx=True)
         t = stage("export", t)
         # 5. Held-out evaluation, in Ray tasks.
-        report = evaluate(
-            model, train_cfg.data.corpus, limit=cfg.eval_limit, out=out / "eval", settings=AnswerSettings()
-        )
+        report = evaluate(model, train_cfg.data.corpus, limit=cfg.eval_limit, out=out / "eval")
         t = stage("eval", t)
         print("\n" + (out / "eval" / "eval.md").read_text(encoding="utf-8"), end="")
         # 6. The Serve app, then one real request to every endpoint.

@@ -64,7 +64,10 @@ def _greedy(model: Transformer, tok: Tokenizer, task: str, rows: list[dict], max
 
 def summarize(model, tok, rows, settings: AnswerSettings) -> list[dict]:
     texts = _greedy(model, tok, "summarize", rows, settings.summary_max_tokens)
-    return [{"skipped": TOO_LONG} if t is None else {"prediction": t.strip()} for t in texts]
+    return [
+        {"skipped": TOO_LONG} if t is None else {"prediction": t.strip(), "reference": r["target"]}
+        for t, r in zip(texts, rows)
+    ]
 
 
 def moderate(model, tok, rows, settings: AnswerSettings) -> list[dict]:

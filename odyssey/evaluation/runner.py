@@ -83,7 +83,8 @@ def _scores(task: str, answers: list[dict]) -> dict:
     done = [a for a in answers if "skipped" not in a]
     out: dict = {"n": len(done), "skipped": len(answers) - len(done)}
     if task == "summarize":
-        return out  # filled by the caller, who has the references
+        rouge = metrics.rouge_l([a["prediction"] for a in done], [a["reference"] for a in done])
+        return {**out, "rouge_l": rouge}
     if task == "moderate":
         scored = metrics.label_scores(
             [set(a["predicted"]) for a in done], [set(a["actual"]) for a in done], MODERATION_LABELS
@@ -176,10 +177,6 @@ def evaluate(
             continue
         answers = [a for part in by_kind.get(name, []) for a in part]
         report_tasks[name] = _scores(name, answers)
-        if name == "summarize":
-            refs = corpus_mod.read_split(corpus, name, split, columns=["target"]).column("target").to_pylist()
-            kept = [(a["prediction"], r) for a, r in zip(answers, refs) if "skipped" not in a]
-            report_tasks[name]["rouge_l"] = metrics.rouge_l([p for p, _ in kept], [r for _, r in kept])
     report = {
         "model": str(model),
         "model_id": artifact.model_id(model, config),
