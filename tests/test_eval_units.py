@@ -118,3 +118,21 @@ def test_promotion_rewrites_only_the_model_path_line(tmp_path):
     assert config.read_text() == (
         f"applications:\n  - name: odyssey\n    args:\n      model_path: {tmp_path / 'new'}   # where\n      dtype: float32\n"
     )
+
+
+def test_a_task_without_examples_reports_no_metric():
+    from odyssey.evaluation.runner import _find_scores, _scores, markdown
+
+    skipped = [{"skipped": "too long"}]
+    assert _scores("lm", skipped) == {"n": 0, "skipped": 1}  # not a perplexity of nothing
+    assert _scores("moderate", []) == {"n": 0, "skipped": 0}
+    assert _find_scores(
+        {"queries": [], "passages": [], "correct": []}, np.zeros((0, 1)), np.zeros((0, 1))
+    ) == {
+        "n": 0,
+        "passages": 0,
+    }
+    tasks = {"lm": {"n": 0, "skipped": 1}, "moderate": {"n": 0, "skipped": 0}}
+    assert metrics.flatten(tasks) == {}  # nothing for promotion to compare
+    report = {"model_id": "m@0", "corpus": "c", "split": "test", "limit": None, "backend": "torch"}
+    assert "| task |" in markdown({**report, "seconds": 1, "shards": 0, "tasks": tasks, "metrics": {}})

@@ -82,6 +82,8 @@ def _jobs(corpus: Path, tasks: list[str], split: str, limit: int | None, shard_r
 def _scores(task: str, answers: list[dict]) -> dict:
     done = [a for a in answers if "skipped" not in a]
     out: dict = {"n": len(done), "skipped": len(answers) - len(done)}
+    if not done:  # nothing answered: no metric, rather than a 0 that promotion would compare
+        return out
     if task == "summarize":
         rouge = metrics.rouge_l([a["prediction"] for a in done], [a["reference"] for a in done])
         return {**out, "rouge_l": rouge}
@@ -94,8 +96,8 @@ def _scores(task: str, answers: list[dict]) -> dict:
         checks = [a["check"] for a in done if "check" in a]
         return {
             **out,
-            "parse_rate": float(np.mean([a["parses"] for a in done])) if done else 0.0,
-            "exact_match": float(np.mean([a["exact"] for a in done])) if done else 0.0,
+            "parse_rate": float(np.mean([a["parses"] for a in done])),
+            "exact_match": float(np.mean([a["exact"] for a in done])),
             "checks": len(checks),
             "pass_rate": float(np.mean([c["passed"] for c in checks])) if checks else None,
         }
@@ -110,9 +112,11 @@ def _scores(task: str, answers: list[dict]) -> dict:
 
 
 def _find_scores(find: dict, queries: np.ndarray, passages: np.ndarray) -> dict:
+    if not find["queries"]:
+        return {"n": 0, "passages": 0}
     dense = queries @ passages.T  # (Q, P) cosine similarities: both sides are unit vectors
     bm25 = BM25(find["passages"])
-    lexical = np.stack([bm25.scores(q) for q in find["queries"]]) if find["queries"] else dense
+    lexical = np.stack([bm25.scores(q) for q in find["queries"]])
     return {
         "n": len(find["queries"]),
         "passages": len(find["passages"]),
@@ -218,7 +222,7 @@ def markdown(report: dict) -> str:
                     f"| {task} | {metric} | {value:.4f} | {'' if base is None else f'BM25 {base:.4f}'} | {n} |"
                 )
         if task == "moderate":
-            for label, s in r["labels"].items():
+            for label, s in r.get("labels", {}).items():
                 lines.append(
                     f"| moderate | {label} P / R / F1 | {s['precision']:.3f} / {s['recall']:.3f} / "
                     f"{s['f1']:.3f} | | {s['support']} with the label |"
