@@ -11,9 +11,9 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx
+BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx soak
 
-.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx setup clean
+.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx bench-soak setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Every benchmark that runs on a CPU machine (~100 minutes on 2 cores), then the README's results table
+# Every benchmark that runs on a CPU machine (~130 minutes on 2 cores), then the README's results table
 # from their JSON. Some: make bench BENCHES="onnx data". (bench/gpu_train.sh needs a GPU machine.)
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
@@ -48,6 +48,9 @@ bench-elastic: $(STAMP)  # ~6 minutes on 2 cores
 
 bench-onnx: $(STAMP)  # ~3 minutes on 2 cores
 	$(BIN)/python bench/onnx.py $(ARGS)
+
+bench-soak: $(STAMP)  # 30 minutes (ARGS="--minutes 10" for less)
+	$(BIN)/python bench/soak.py $(ARGS)
 
 setup: $(STAMP)
 

@@ -103,6 +103,15 @@ def _max(f: dict, key: str, kind: str) -> float:
     return max(r[key] for shapes in f["presets"].values() for r in shapes.values() if r["kind"] == kind)
 
 
+def soak(f: dict) -> list[tuple]:
+    what = f"soak, {f['minutes']:.0f} min at half load, {len(f['kills'])} replica kills"
+    return [
+        (f"{what}: memory growth", f"{f['memory_growth']:+.1%}", "target < 10%", None),
+        (f"{what}: p99 drift", f"{f['p99_drift']:+.1%}", "target < 20%", None),
+        (f"{what}: errors", f"{f['error_rate']:.3%} of {f['requests']}", "target < 0.1%", None),
+    ]
+
+
 HEADLINES = {
     "data": data,
     "train_throughput": train_throughput,
@@ -111,6 +120,7 @@ HEADLINES = {
     "tune_efficiency": tune_efficiency,
     "elastic": elastic,
     "onnx": onnx,
+    "soak": soak,
 }
 
 

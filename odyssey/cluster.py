@@ -46,6 +46,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if not address:
         if token is None:  # this embedded cluster's own token, for this process alone
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        # Single-machine mode: without it the GCS, raylet and agents listen on every interface (and on
+        # the machine's address) although the node's address is loopback. Ray reads the switch when it
+        # is imported: a process that imported it before this call gets its copy set too.
+        os.environ.setdefault(SINGLE_MACHINE, "0")
+        if "ray" in sys.modules and os.environ[SINGLE_MACHINE] == "0":
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
         # Ray runs workers at nice 15 by default; in an embedded cluster the workers are the job, and on a
         # small machine every preemption of one compute thread stalls its peers at the next barrier.
         os.environ.setdefault("RAY_worker_niceness", "0")
@@ -265,6 +273,28 @@ def session_processes(session_id: int) -> list[int]:
                 if os.getsid(int(entry.name)) == session_id and not zombie:
                     pids.append(int(entry.name))
     return pids
+
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+
+def listeners(pids: list[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of these processes: what a
+    cluster exposes. Anything whose address is not in LOOPBACK is reachable from the network."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            out += [
+                (c.laddr.ip, c.laddr.port, proc.name())
+                for c in proc.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
 
 
 def _answers(url: str) -> bool:

@@ -482,7 +482,11 @@ def sample(
     restricted to the top_k tokens and the smallest set whose probability reaches top_p."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # float64, shifted so the largest is 0 before dividing: any temperature > 0 a request can carry
+    # (5e-324 too, which float32 rounds to 0) then sends the others to -inf (greedy, as it should)
+    # instead of every logit to +-inf and the softmax to NaN.
+    logits = logits.double()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

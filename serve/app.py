@@ -64,6 +64,9 @@ class AppArgs(BaseModel):
     code_max_tokens: int = Field(128, ge=1)
     code_attempts: int = Field(3, ge=1, le=8)
     moderation_threshold: float = Field(0.5, gt=0, lt=1)  # flagged when P(safe) falls below it
+    # A replica being stopped (scale-down, a new version of the app) takes no new requests and is given
+    # this long to finish the ones it has, long streams included, before it is killed.
+    drain_timeout_s: float = Field(120.0, gt=0)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @model_validator(mode="after")
@@ -108,9 +111,13 @@ def build_app(args: AppArgs) -> Application:
         max_queued_requests=m.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.gateway.retry_after_s),
         health_check_period_s=10,
-        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_timeout_s=args.drain_timeout_s,
     ).bind(device=m.device, model_name=args.model_name, threads=max(1, int(m.num_cpus)))
-    light = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256}
+    light = {
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": 256,
+        "graceful_shutdown_timeout_s": args.drain_timeout_s,
+    }
     summarizer = Summarizer.options(**light).bind(lm, args.summary_max_tokens)
     moderator = Moderator.options(**light).bind(lm, args.moderation_threshold)
     finder = Finder.options(**light).bind(lm, args.documents, args.max_documents)
@@ -120,4 +127,5 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=512,
         max_queued_requests=1024,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.gateway.retry_after_s),
+        graceful_shutdown_timeout_s=args.drain_timeout_s,  # a stream lives here as long as in the model
     ).bind(lm, summarizer, moderator, finder, coder, args.gateway.model_dump())

@@ -36,6 +36,13 @@ class Overloaded(ServeError):
     status, type = 503, "overloaded"
 
 
+class ModerationUnavailable(ServeError):
+    """Moderation could not reach a verdict (an error, a non-finite score). Fails closed: the caller
+    gets no verdict at all, never a "safe" that nothing checked."""
+
+    status, type = 503, "moderation_unavailable"
+
+
 class TimedOut(ServeError):
     status, type = 504, "timeout"
 

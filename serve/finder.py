@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve.passages import PassageIndex, load_documents, split_documents
+from serve.replica_network import bind_internal_server
 
 log = logging.getLogger("ray.serve")
 
@@ -31,6 +32,7 @@ class Finder:
     async def __init__(
         self, lm: DeploymentHandle, documents: str | None = None, max_documents: int | None = 100
     ):
+        bind_internal_server()
         self.lm = lm
         docs = await asyncio.to_thread(load_documents, documents, max_documents)
         passages = split_documents(docs)

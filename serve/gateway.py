@@ -5,20 +5,23 @@
     GET  /v1/models  /healthz  /docs
 
 Its job is the HTTP contract, not the model: validate (422 naming the field), refuse oversized input
-(413), check the API key when auth is on (401), bound every call downstream by a timeout (504), and
-turn back-pressure from the model's bounded queue into 503 + Retry-After instead of an unbounded
-wait. Every error body is `{"error": {"type", "message", "param"?, "request_id"}}`; every response
+(413, by Content-Length or by counting a chunked body as it arrives), check the API key when auth is
+on (401), bound every call downstream by a timeout (504), turn back-pressure from the model's bounded
+queue into 503 + Retry-After instead of an unbounded wait, and send a call again when the replica
+that had it died (SIGKILL, a lost node): the calls have no side effects, and another replica answers. Every error body is `{"error": {"type", "message", "param"?, "request_id"}}`; every response
 carries `x-request-id` (Serve's proxy sets it, or echoes the client's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -27,8 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from serve import schemas
 from serve.errors import (
@@ -42,8 +47,11 @@ from serve.errors import (
     root_cause,
 )
 from serve.generation import GenerationParams
+from serve.replica_network import bind_internal_server
 
 log = logging.getLogger("ray.serve")
+FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
+RETRIES = 3  # sends of a call again after its replica died, within the call's one timeout
 
 
 class GatewaySettings(BaseModel):
@@ -83,7 +91,7 @@ def error_response(exc: ServeError, retry_after_s: int, param: str | None = None
     body = {"type": exc.type, "message": exc.message, "request_id": request_id()}
     if param:
         body["param"] = param
-    headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, Overloaded) else None
+    headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
     return JSONResponse({"error": body}, status_code=exc.status, headers=headers)
 
 
@@ -103,6 +111,7 @@ class Gateway:
         coder: DeploymentHandle,
         settings: dict | None = None,
     ):
+        bind_internal_server()
         self.lm, self.summarizer, self.moderator, self.finder, self.coder = (
             lm,
             summarizer,
@@ -119,15 +128,27 @@ class Gateway:
 
     # --- calls downstream --------------------------------------------------------------------------
 
-    async def call(self, response):
-        """Await a handle call within the timeout; map what comes back to HTTP errors."""
-        try:
-            return await asyncio.wait_for(response, self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise TimedOut(f"no answer within {self.settings.request_timeout_s} s; retry later") from None
-        except Exception as e:
-            raise translate(e) from None
+    async def call(self, send):
+        """`send()` makes a handle call; await it within the timeout, send it again if the replica that
+        had it died, and map what comes back to HTTP errors."""
+        timeout = self.settings.request_timeout_s
+        deadline = time.monotonic() + timeout
+        for attempt in range(RETRIES + 1):
+            response = send()
+            try:
+                return await asyncio.wait_for(response, max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise TimedOut(f"no answer within {timeout} s; retry later") from None
+            except Exception as e:
+                died = isinstance(root_cause(e), RayActorError)
+                if not died or attempt == RETRIES or time.monotonic() + 0.1 * 2**attempt > deadline:
+                    raise translate(e) from None
+                log.warning(
+                    "request %s: its replica died (%s); sending it again", request_id(), root_cause(e)
+                )
+                await asyncio.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def check_text(self, field: str, text: str) -> None:
         if len(text) > self.settings.max_input_chars:
@@ -163,22 +184,40 @@ def translate(exc: BaseException) -> BaseException:
     return exc
 
 
+class BodyTooLarge(HTTPException):
+    """A body without Content-Length that grew past the limit while it was read (FastAPI lets an
+    HTTPException out of its body parsing; anything else it would turn into a 400)."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"the request body is over {max_bytes} bytes; the limit is {max_bytes}")
+
+
 class BodyLimit:
-    """Refuse a body larger than max_bytes (by its Content-Length) before anything reads it. A plain ASGI
+    """Refuse a body larger than max_bytes before it is parsed: by its Content-Length before anything
+    reads it, and a body sent without one (chunked) by counting its bytes as they arrive. A plain ASGI
     middleware: FastAPI's @app.middleware("http") costs a task and a stream per request."""
 
     def __init__(self, app, max_bytes: int, retry_after_s: int):
         self.app, self.max_bytes, self.retry_after_s = app, max_bytes, retry_after_s
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                too_long = InputTooLong(
-                    f"the request body is {int(length)} bytes; the limit is {self.max_bytes}"
-                )
-                return await error_response(too_long, self.retry_after_s)(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            too_long = InputTooLong(f"the request body is {int(length)} bytes; the limit is {self.max_bytes}")
+            return await error_response(too_long, self.retry_after_s)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def build_api(gw: Gateway) -> FastAPI:
@@ -195,13 +234,26 @@ def build_api(gw: Gateway) -> FastAPI:
     async def on_serve_error(request: Request, exc: ServeError):
         return error_response(exc, s.retry_after_s)
 
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        # FastAPI's own refusals (a body it cannot decode, an unknown route, a wrong method), and a body
+        # over the limit: the same error body as every other error.
+        error = {404: NotFound, 413: InputTooLong}.get(exc.status_code, InvalidRequest)(str(exc.detail))
+        response = error_response(error, s.retry_after_s)
+        response.status_code = exc.status_code
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError):
         problems, param = [], None
         for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            # Field names and list indexes; not the labels pydantic gives the members of a union
+            # ("prompt" may be a string or a list: "function-after[...]", "list[...]").
+            loc = [str(p) for p in err.get("loc", ()) if p != "body" and FIELD.fullmatch(str(p))]
             param = param or ".".join(loc) or None
-            problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+            problem = f"{'.'.join(loc) or 'body'}: {err.get('msg')}"
+            if problem not in problems:
+                problems.append(problem)
         return JSONResponse(
             {
                 "error": {
@@ -232,32 +284,32 @@ def build_api(gw: Gateway) -> FastAPI:
         gw.authorize(request)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
-    errors = {code: {"model": schemas.ErrorResponse} for code in (401, 404, 413, 422, 503, 504)}
+    errors = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 422, 503, 504)}
 
     @v1.post("/summarize", response_model=schemas.SummarizeResponse, responses=errors)
     async def summarize(body: schemas.SummarizeRequest):
         gw.check_text("text", body.text)
-        return await gw.call(gw.summarizer.remote(body.text, gw.cap(body.max_tokens)))
+        return await gw.call(lambda: gw.summarizer.remote(body.text, gw.cap(body.max_tokens)))
 
     @v1.post("/moderate", response_model=schemas.ModerateResponse, responses=errors)
     async def moderate(body: schemas.ModerateRequest):
         gw.check_text("text", body.text)
-        return await gw.call(gw.moderator.remote(body.text))
+        return await gw.call(lambda: gw.moderator.remote(body.text))
 
     @v1.post("/find", response_model=schemas.FindResponse, responses=errors)
     async def find(body: schemas.FindRequest):
         gw.check_text("query", body.query)
-        return await gw.call(gw.finder.remote(body.query, body.k))
+        return await gw.call(lambda: gw.finder.remote(body.query, body.k))
 
     @v1.post("/code", response_model=schemas.CodeResponse, responses=errors)
     async def code(body: schemas.CodeRequest):
         gw.check_text("prompt", body.prompt)
-        return await gw.call(gw.coder.remote(body.prompt, gw.cap(body.max_tokens)))
+        return await gw.call(lambda: gw.coder.remote(body.prompt, gw.cap(body.max_tokens)))
 
     @v1.post("/completions", response_model=schemas.CompletionResponse, responses=errors)
     async def completions(body: schemas.CompletionRequest):
         if body.model is not None and body.model not in (gw.model_name(), gw.model_id):
-            models = await gw.call(gw.lm.info.remote())
+            models = await gw.call(gw.lm.info.remote)
             gw.model_id = models["id"]
             if body.model not in (models["name"], models["id"]):
                 raise NotFound(
@@ -280,7 +332,9 @@ def build_api(gw: Gateway) -> FastAPI:
             if len(body.prompts) > 1:
                 raise InvalidRequest("stream one prompt at a time")
             return await stream_completion(gw, body.prompts[0], params, completion_id, created)
-        outs = await asyncio.gather(*(gw.call(gw.lm.generate.remote("lm", p, params)) for p in body.prompts))
+        outs = await asyncio.gather(
+            *(gw.call(functools.partial(gw.lm.generate.remote, "lm", p, params)) for p in body.prompts)
+        )
         gw.model_id = outs[0]["model"]
         p_tokens, c_tokens = sum(o["prompt_tokens"] for o in outs), sum(o["completion_tokens"] for o in outs)
         return {
@@ -301,7 +355,7 @@ def build_api(gw: Gateway) -> FastAPI:
 
     @v1.get("/models", response_model=schemas.ModelList, responses=errors)
     async def models():
-        info = await gw.call(gw.lm.info.remote())
+        info = await gw.call(gw.lm.info.remote)
         gw.model_id = info["id"]
         return {"object": "list", "data": [{"id": info["name"], "created": 0, "root": info["id"]}]}
 
@@ -309,7 +363,7 @@ def build_api(gw: Gateway) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        info = await gw.call(gw.lm.info.remote())
+        info = await gw.call(gw.lm.info.remote)
         return {"status": "ok", "model": info["id"]}
 
     return app

@@ -31,12 +31,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from odyssey import artifact, ort_model
+from odyssey import artifact, failpoints, ort_model
 from odyssey.model import Transformer
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
 from serve.errors import InputTooLong, InvalidRequest
 from serve.generation import BatchDecoder, Chunk, GenerationParams
+from serve.replica_network import bind_internal_server
 
 log = logging.getLogger("ray.serve")
 
@@ -113,6 +114,7 @@ class ScoreCall:
 @serve.deployment(name="LanguageModel")
 class LanguageModel:
     def __init__(self, device: str = "cpu", model_name: str | None = None, threads: int = 1):
+        bind_internal_server()
         torch.set_num_threads(threads)  # the CPUs this replica reserved, no more: replicas share machines
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.device = device
@@ -246,6 +248,7 @@ class LanguageModel:
                     if c.call_id in self.cancelled and decoder.finish[i] is None:
                         decoder.finish[i] = "cancelled"
                 if not decoder.done:
+                    failpoints.hit("serve.decode_step", text=calls[0].text)  # drills: a slow step
                     yield decoder.step(), m.id
                     if turns:
                         await asyncio.sleep(0)
@@ -273,6 +276,7 @@ class LanguageModel:
 
     async def score(self, task: str, text: str, options: list[str]) -> dict:
         """Log-probability of each option (followed by end-of-text) as the answer to `text` in `task`."""
+        failpoints.hit("serve.score", task=task, text=text)  # drills: an error or a stall mid-request
         m, options = self.loaded, tuple(options)
         pairs = m.answers(task, text, options)
         n = max(len(p) + len(c) for p, c in pairs)

@@ -8,67 +8,82 @@ are refused rather than ignored, since ignoring them would return something else
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _unicode(text: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"): a str Python holds but no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text at character {e.start} (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def _integral(value):
+    """JSON Schema's integer includes 2.0 (a number without a fraction): take it as 2; anything else
+    goes on to the strict check (2.5, "2", true are refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**limits) -> type:
+    """An int field with these limits (ge=, le=...), which also takes 2.0 for 2. The limits come
+    before the converter so that the OpenAPI schema states them (as minimum/maximum)."""
+    return Annotated[int, Field(**limits), BeforeValidator(_integral)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON value of the wrong type is refused ("5" for an int, "true" for a bool), not coerced
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- requests ----------------------------------------------------------------------------------------
 
 
 class SummarizeRequest(_Strict):
-    text: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="capped by the server's max_tokens limit")
+    text: Text = Field(min_length=1)
+    max_tokens: integer(ge=1) | None = Field(None, description="capped by the server's max_tokens limit")
 
 
 class ModerateRequest(_Strict):
-    text: str = Field(min_length=1)
+    text: Text = Field(min_length=1)
 
 
 class FindRequest(_Strict):
-    query: str = Field(min_length=1)
-    k: int = Field(5, ge=1, le=100)
+    query: Text = Field(min_length=1)
+    k: integer(ge=1, le=100) = 5
 
 
 class CodeRequest(_Strict):
-    prompt: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: Text = Field(min_length=1)
+    max_tokens: integer(ge=1) | None = None
+
+
+NonEmpty = Annotated[Text, Field(min_length=1)]
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    prompt: str | list[str] = Field(description="one prompt, or several answered in one response")
-    max_tokens: int = Field(16, ge=1)
+    # The limits are in the types, so the OpenAPI schema states them and clients can check up front.
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=16)] = Field(
+        description="one prompt, or up to 16 answered in one response"
+    )
+    max_tokens: integer(ge=1) = 16
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
     stream: bool = False
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+    seed: integer(ge=0, lt=2**63) | None = None
+    n: integer(ge=1, le=1) = Field(1, description="one choice per prompt")
     echo: Literal[False] = False
     logprobs: None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts(cls, v):
-        prompts = [v] if isinstance(v, str) else v
-        if not 1 <= len(prompts) <= 16 or any(not p for p in prompts):
-            raise ValueError("give 1 to 16 non-empty prompts")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("up to 4 non-empty stop strings")
-        return v
 
     @property
     def prompts(self) -> list[str]:
@@ -100,10 +115,16 @@ class LabelScore(BaseModel):
     score: float  # probability that the label applies
 
 
+class RuleHit(BaseModel):
+    label: str
+    kind: str  # what a rule found ("card number"), never the text it matched
+
+
 class ModerateResponse(BaseModel):
     flagged: bool
     verdict: Literal["safe", "unsafe"]
     labels: list[LabelScore]  # every label, most likely first
+    rules: list[RuleHit]  # labels found by rule: on whatever the model scored
     model: str
 
 

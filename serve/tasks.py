@@ -5,13 +5,21 @@ serve/finder.py.)"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from odyssey import moderation_rules
 from odyssey.code_checks import completion_error
 from odyssey.tasks import ANSWERS, format_labels, label_probabilities
+from serve.errors import ModerationUnavailable, ServeError
 from serve.generation import GenerationParams
+from serve.replica_network import bind_internal_server
+
+log = logging.getLogger("ray.serve")
 
 
 def usage(result: dict) -> dict:
@@ -22,6 +30,7 @@ def usage(result: dict) -> dict:
 @serve.deployment(name="Summarizer")
 class Summarizer:
     def __init__(self, lm: DeploymentHandle, max_tokens: int = 64):
+        bind_internal_server()
         self.lm, self.max_tokens = lm, max_tokens
 
     async def __call__(self, text: str, max_tokens: int | None = None) -> dict:
@@ -39,18 +48,41 @@ class Summarizer:
 
 @serve.deployment(name="Moderator")
 class Moderator:
+    """Labels from the model's scores, overruled by the rules (odyssey/moderation_rules.py): a label a
+    rule found is on whatever the model says, so text that argues for "safe" cannot unflag a card
+    number. It fails closed: when the scores cannot be had or are not numbers, the answer is an error
+    (503 moderation_unavailable), never a verdict. Text over the model's context is refused (413) by
+    the model, never cut to what fits."""
+
     def __init__(self, lm: DeploymentHandle, threshold: float = 0.5):
+        bind_internal_server()
         self.lm, self.threshold = lm, threshold
 
     async def __call__(self, text: str) -> dict:
-        out = await self.lm.score.remote("moderate", text, [format_labels(a) for a in ANSWERS])
-        probs = label_probabilities(out["logprobs"])
+        hits = moderation_rules.scan(text)
+        try:
+            out = await self.lm.score.remote("moderate", text, [format_labels(a) for a in ANSWERS])
+            probs = label_probabilities(out["logprobs"])
+        except (ServeError, RayActorError):
+            raise  # the client's error (413), or a replica that died: the gateway retries that one
+        except Exception as e:
+            log.exception("moderation failed")
+            raise ModerationUnavailable(
+                "moderation failed, so this text was NOT checked; do not treat it as safe; retry later"
+            ) from e
+        if not all(math.isfinite(p) for p in probs.values()):
+            raise ModerationUnavailable("the model's label scores are not numbers; this text was NOT checked")
+        for hit in hits:
+            probs[hit.label] = 1.0
+        if hits:
+            probs["safe"] = 0.0
         flagged = probs["safe"] < self.threshold
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])
         return {
             "flagged": flagged,
             "verdict": "unsafe" if flagged else "safe",
             "labels": [{"label": label, "score": round(p, 6)} for label, p in ranked],
+            "rules": [{"label": h.label, "kind": h.kind} for h in hits],
             "model": out["model_id"],
         }
 
@@ -61,6 +93,7 @@ class Coder:
     share the model's batches; the first that parses wins, else the greedy one with its error."""
 
     def __init__(self, lm: DeploymentHandle, max_tokens: int = 128, attempts: int = 3):
+        bind_internal_server()
         self.lm, self.max_tokens, self.attempts = lm, max_tokens, attempts
 
     async def __call__(self, prompt: str, max_tokens: int | None = None) -> dict:

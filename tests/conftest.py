@@ -103,3 +103,29 @@ def submit_job():
         return done
 
     return submit
+
+
+@pytest.fixture
+def submit_without_the_token(tmp_path):
+    """`ray job submit` as someone without the cluster's token would run it (another home, no token
+    in the environment, or a wrong one): the finished CLI process."""
+    from odyssey import cluster
+
+    def submit(address: str, env: dict, token: str | None = None) -> subprocess.CompletedProcess:
+        tokenless = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+        tokenless.update(HOME=str(tmp_path), RAY_AUTH_MODE="token", **{cluster.SINGLE_MACHINE: "0"})
+        if token:
+            tokenless["RAY_AUTH_TOKEN"] = token
+        command = [
+            f"{Path(sys.executable).parent}/ray",
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--",
+            "echo",
+            "hi",
+        ]
+        return subprocess.run(command, env=tokenless, capture_output=True, text=True, timeout=120)
+
+    return submit

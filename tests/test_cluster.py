@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 
 from odyssey import atomic, cluster, cluster_files
 
 REPO = Path(__file__).resolve().parent.parent
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
 def odyssey_cluster(action: str, env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -83,29 +81,17 @@ def gpu_workers(nodes: list[dict]) -> list[str]:
     )
 
 
-def listening(pids: list[int]) -> list[tuple[str, int, str]]:
-    """(address, port, process name) of every listening TCP socket of these processes."""
-    out = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            for c in proc.net_connections(kind="tcp"):
-                if c.status == psutil.CONN_LISTEN:
-                    out.append((c.laddr.ip, c.laddr.port, proc.name()))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
-
-
-def test_head_listens_on_loopback_only_and_refuses_clients_without_the_token(fake_cluster, tmp_path):
+def test_head_listens_on_loopback_only_and_refuses_clients_without_the_token(
+    fake_cluster, tmp_path, submit_without_the_token
+):
     _, head, env = fake_cluster
-    sockets = listening(cluster.session_processes(head.pid))
+    sockets = cluster.listeners(cluster.session_processes(head.pid))
     ports = {port for _, port, _ in sockets}
     assert (
         int(head.gcs_address.rsplit(":", 1)[1]) in ports
         and int(head.dashboard_url.rsplit(":", 1)[1]) in ports
     )
-    exposed = [s for s in sockets if s[0] not in LOOPBACK]
+    exposed = [s for s in sockets if s[0] not in cluster.LOOPBACK]
     assert not exposed, f"listening beyond loopback: {exposed}"
     again = odyssey_cluster("local-up", env)  # one local cluster at a time, and it says where it is
     assert again.returncode == 2 and f"already up (dashboard {head.dashboard_url})" in again.stderr
@@ -120,22 +106,11 @@ def test_head_listens_on_loopback_only_and_refuses_clients_without_the_token(fak
     assert httpx.get(jobs, headers=auth(), timeout=10).status_code == 200
 
     # The CLI and a driver over gRPC, from a home without the token: refused; with it: in.
+    assert submit_without_the_token(head.dashboard_url, env).returncode != 0
+    assert submit_without_the_token(head.dashboard_url, env, token="not-the-token").returncode != 0
+    assert httpx.get(jobs, headers=auth(), timeout=10).json() == []  # no job got in
     tokenless = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     tokenless.update(HOME=str(tmp_path), RAY_AUTH_MODE="token", **{cluster.SINGLE_MACHINE: "0"})
-    submit = [
-        f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", head.dashboard_url, "--", "echo", "hi",
-    ]  # fmt: skip
-    refused = subprocess.run(submit, env=tokenless, capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0
-    wrong = subprocess.run(
-        submit,
-        env={**tokenless, "RAY_AUTH_TOKEN": "not-the-token"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert wrong.returncode != 0
-    assert httpx.get(jobs, headers=auth(), timeout=10).json() == []  # no job got in
     driver = [sys.executable, "-c", f"import ray; ray.init(address='{head.gcs_address}'); print('joined')"]
     no_token = subprocess.run(driver, env=tokenless, capture_output=True, text=True, timeout=120)
     assert no_token.returncode != 0 and "joined" not in no_token.stdout
@@ -196,9 +171,11 @@ def test_an_elastic_gpu_job_starts_on_one_worker_and_grows_onto_the_node_the_aut
             # (The job's own training workers are left out: rank 0's torch.distributed rendezvous store
             # (TCPStore) listens on every interface, and torch offers no bind address.)
             ray_processes = [
-                s for s in listening(cluster.session_processes(head.pid)) if s[2] != "ray::RayTrainWorker"
+                s
+                for s in cluster.listeners(cluster.session_processes(head.pid))
+                if s[2] != "ray::RayTrainWorker"
             ]
-            exposed = [s for s in ray_processes if s[0] not in LOOPBACK] or [None]
+            exposed = [s for s in ray_processes if s[0] not in cluster.LOOPBACK] or [None]
         if status in ("SUCCEEDED", "FAILED", "STOPPED") and ended is None:
             ended, at_end = now, len(workers)
         if ended is not None and not workers:

@@ -87,6 +87,11 @@ def test_sampling_controls():
     assert draws == {2}  # token 2 alone holds > 50% of the mass
     seeded = [sample(logits, 1.0, generator=torch.Generator().manual_seed(3)).item() for _ in range(2)]
     assert seeded[0] == seeded[1]
+    # Any temperature > 0 a request may carry samples, the tiniest included (found by the fuzz suite:
+    # 5e-324 was 0 in float32, and the softmax NaN).
+    for tiny_t in (5e-324, 1e-300, 1e-40):
+        assert sample(logits, tiny_t, generator=gen).item() == 2
+        assert sample(logits, tiny_t, top_p=5e-324, generator=gen).item() == 2
 
 
 def test_embed_and_score():

@@ -68,6 +68,13 @@ def resume_point(run_dir: Path, launch_id: str, world: int) -> tuple[Path | None
     return ckpt_dir, meta, event
 
 
+def failures_of_launch(run_dir: Path, launch_id: str) -> list[dict]:
+    """The worker failures recorded since this launch's first start (none if it never started)."""
+    events = read_events(run_dir)
+    first = next((i for i, e in enumerate(events) if e.get("launch") == launch_id), None)
+    return [] if first is None else [e for e in events[first:] if e["event"] == "worker_failure"]
+
+
 def read_events(run_dir: Path) -> list[dict]:
     return _read_jsonl(Path(run_dir) / "events.jsonl")
 

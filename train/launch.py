@@ -92,6 +92,7 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
     rows_per_epoch = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}
     # Fault injection (odyssey/failpoints.py) reaches the workers only when armed here.
     armed = {failpoints.ENV: os.environ[failpoints.ENV]} if os.environ.get(failpoints.ENV) else None
+    launch_id = uuid.uuid4().hex[:12]  # tells a restart inside this launch from a relaunch
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=TorchConfig(backend=None if cfg.scaling.backend == "auto" else cfg.scaling.backend),
@@ -102,7 +103,7 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
             "rows_per_epoch": rows_per_epoch,
             "validation": validation,
             "run_dir": str(run_dir),
-            "launch_id": uuid.uuid4().hex[:12],  # tells a restart inside this launch from a relaunch
+            "launch_id": launch_id,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers,
@@ -131,11 +132,34 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; show the worker's message
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise OdysseyError(f"training failed: {type(cause).__name__}: {cause}") from e
+        raise failed(run_dir, launch_id, cfg.max_failures, e) from e
     return summarize(run_dir, result)
+
+
+def failed(run_dir: Path, launch_id: str, max_failures: int, error: Exception) -> OdysseyError:
+    """Why the run ended, and what to do: when its workers failed more often than max_failures allows,
+    how often, the last failure, and the checkpoint that running the same command again resumes from."""
+    from train import checkpoint, events
+
+    failures = events.failures_of_launch(run_dir, launch_id)
+    if max_failures >= 0 and len(failures) > max_failures:
+        last = failures[-1]
+        who = f"rank {', '.join(map(str, last['died']))} died" if last.get("died") else "a worker failed"
+        latest, meta, _ = checkpoint.newest_intact(run_dir)
+        resume = (
+            f"the latest intact checkpoint is {latest} (step {meta['step']}): run the same command to resume"
+            if latest
+            else "no checkpoint was saved: running the same command starts over"
+        )
+        return OdysseyError(
+            f"training failed: the workers failed {len(failures)} times, more than max_failures="
+            f"{max_failures} allows (last: {who}: {last['error']}); {resume}, after fixing the cause "
+            "(or raise max_failures where workers are lost routinely, e.g. spot instances)"
+        )
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return OdysseyError(f"training failed: {type(cause).__name__}: {cause}")
 
 
 def summarize(run_dir: Path, result) -> dict:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import random
 import re
 import string
-from importlib import resources
 
 from odyssey.data.sampling import sample
 from odyssey.data.schema import Example
 from odyssey.data.text import sentences
+from odyssey.moderation_rules import WordList, luhn_check_digit, profanity_words
 from odyssey.tasks import format_labels
 
 MIN_CHARS, MAX_CHARS = 30, 240
@@ -88,21 +88,6 @@ BENIGN = (  # safe insertions that look a little like the unsafe ones
 )
 
 
-def profanity_words() -> list[str]:
-    text = resources.files("better_profanity").joinpath("profanity_wordlist.txt").read_text(encoding="utf-8")
-    return sorted(
-        {w.strip().lower() for w in text.splitlines() if w.strip() and re.fullmatch(r"[a-z ]+", w.strip())}
-    )
-
-
-def _luhn_digit(digits: str) -> str:
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        n = int(d) * (2 if i % 2 == 0 else 1)
-        total += n - 9 if n > 9 else n
-    return str((10 - total % 10) % 10)
-
-
 def _personal(rng: random.Random) -> str:
     first, last = rng.choice(FIRST), rng.choice(LAST)
     digits = lambda n: "".join(rng.choice(string.digits) for _ in range(n))  # noqa: E731
@@ -116,7 +101,7 @@ def _personal(rng: random.Random) -> str:
             f"Use the key AKIA{alnum(16, string.ascii_uppercase + string.digits)} to log in.",
             f"token: ghp_{alnum(36)}",
             f"export OPENAI_API_KEY=sk-{alnum(48)}",
-            f"Pay with card {card}{_luhn_digit(card)}, expiry 0{rng.randint(1, 9)}/2{rng.randint(6, 9)}.",
+            f"Pay with card {card}{luhn_check_digit(card)}, expiry 0{rng.randint(1, 9)}/2{rng.randint(6, 9)}.",
             f"My SSN is {digits(3)}-{digits(2)}-{digits(4)}.",
             f"I live at {rng.randint(1, 999)} {rng.choice(LAST).title()} Street, {first} {last}.",
         )
@@ -138,23 +123,6 @@ def _insert_word(sentence: str, word: str, rng: random.Random) -> str:
     pos = rng.randint(0, len(words))
     word = word.upper() if rng.random() < 0.15 else word
     return " ".join([*words[:pos], word, *words[pos:]])
-
-
-class WordList:
-    """Whole-word, case-insensitive lookup of a word list (phrases of several words included):
-    set lookups of a sentence's word n-grams, far faster than one regex of 800 alternatives."""
-
-    def __init__(self, words: list[str]):
-        self.phrases = {tuple(w.split()) for w in words}
-        self.longest = max((len(p) for p in self.phrases), default=0)
-
-    def found_in(self, text: str) -> bool:
-        words = re.findall(r"[a-z]+", text.lower())
-        return any(
-            tuple(words[i : i + n]) in self.phrases
-            for n in range(1, self.longest + 1)
-            for i in range(len(words) - n + 1)
-        )
 
 
 def _clean(sentence: str, bad_words: WordList) -> bool:
