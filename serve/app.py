@@ -99,7 +99,7 @@ def build_app(args: AppArgs) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     m = args.model
     lm = LanguageModel.options(
-        user_config=args.model_settings(),  # a new model path rolls out in place (see language_model.py)
+        user_config=args.model_settings(),  # applied to running replicas when changed alone (language_model.py)
         ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
         autoscaling_config=AutoscalingConfig(
             min_replicas=m.min_replicas,

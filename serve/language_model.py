@@ -6,9 +6,10 @@ Three batched entry points, each behind `@serve.batch` (size and wait set from `
     embed                        unit vectors, for passage search
     score                        log-probabilities of given continuations, for label scoring
 
-The model path lives in `user_config` too: `serve deploy` with a new path loads the new model beside
-the old one and swaps them in one assignment; a batch already running finishes on the model it began
-with. The model runs on the replica's event loop itself, one step at a time: handing each step to a
+The model path lives in `user_config` too: a new `user_config` (the `deployments:` options of the
+Serve config) loads the new model beside the old one on the running replica and swaps them in one
+assignment; a batch already running finishes on the model it began with. (A new `model_path` under the
+app's `args` is a new version of the app instead: Serve replaces the replicas, draining each.) The model runs on the replica's event loop itself, one step at a time: handing each step to a
 worker thread cost more than a whole step of a small model (threads take turns on the GIL), and
 between steps the loop takes in new requests, which queue for the next batch.
 """

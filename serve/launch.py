@@ -8,7 +8,7 @@ Where it deploys: the cluster whose dashboard --address (or RAY_DASHBOARD_ADDRES
 local cluster an earlier `odyssey serve` started; else it starts one (loopback, token auth) that
 outlives the command, until `odyssey serve stop`. It deploys the way `serve deploy` does (the
 dashboard's REST API, the whole config), so a later `serve deploy` of the same file with another
-model path is an in-place model swap.
+model path rolls the new model out (new replicas; the old ones drain).
 """
 
 from __future__ import annotations
