@@ -8,8 +8,9 @@ Its job is the HTTP contract, not the model: validate (422 naming the field), re
 (413, by Content-Length or by counting a chunked body as it arrives), check the API key when auth is
 on (401), bound every call downstream by a timeout (504), turn back-pressure from the model's bounded
 queue into 503 + Retry-After instead of an unbounded wait, and send a call again when the replica
-that had it died (SIGKILL, a lost node): the calls have no side effects, and another replica answers. Every error body is `{"error": {"type", "message", "param"?, "request_id"}}`; every response
-carries `x-request-id` (Serve's proxy sets it, or echoes the client's).
+that had it died (SIGKILL, a lost node): the calls have no side effects, and another replica answers.
+Every error body is `{"error": {"type", "message", "param"?, "request_id"}}`; every response carries
+`x-request-id` (Serve's proxy sets it, or echoes the client's).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class BodyTooLarge(HTTPException):
     HTTPException out of its body parsing; anything else it would turn into a 400)."""
 
     def __init__(self, max_bytes: int):
-        super().__init__(413, f"the request body is over {max_bytes} bytes; the limit is {max_bytes}")
+        super().__init__(413, f"the request body is over the limit of {max_bytes} bytes")
 
 
 class BodyLimit:
