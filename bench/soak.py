@@ -103,7 +103,7 @@ class Soak:
             raise SystemExit(f"odyssey serve failed:\n{done.stderr[-3000:]}")
         info = json.loads(done.stdout.strip().splitlines()[-1])
         self.url, self.dashboard = info["url"], info["dashboard"]
-        self.head = cluster.LocalHead.load(Path(self.env["ODYSSEY_HOME"]) / "serve-cluster.json")
+        self.head = cluster.LocalHead.load(cluster.state_file("serve", Path(self.env["ODYSSEY_HOME"])))
 
     def stop_app(self) -> None:
         subprocess.run(

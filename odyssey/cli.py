@@ -10,10 +10,11 @@
     odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve stop
     odyssey cluster check [FILE ...]                    (`ray up` configs, KubeRay manifests)
     odyssey cluster local-up [--config cluster/fake-gpu.yaml]  |  odyssey cluster local-down
+    odyssey cluster env [local|serve|demo]              (export lines for Ray's CLI: eval "$(...)")
     odyssey eval MODEL_OR_CHECKPOINT [--corpus DIR] [--tasks a,b] [--limit N] [--backend B] [--out DIR]
                  [--no-code-checks]
     odyssey promote RUN --serve-config serve/config.yaml [--metrics a,b] [--dry-run]
-    odyssey demo [--keep-serving] [--set k=v ...]
+    odyssey demo [--keep-serving] [--set k=v ...]  |  odyssey demo stop
 
 Errors a user can fix are printed as one line `odyssey: error: ...` with exit status 2.
 """
@@ -24,8 +25,10 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
+from odyssey import logs
 from odyssey.errors import OdysseyError
 
 
@@ -85,7 +88,14 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="local cluster -> data -> pretrain (2 workers, ZeRO-2) -> eval -> serve -> call every endpoint",
     )
-    demo.add_argument("--keep-serving", action="store_true", help="leave the cluster and the app up")
+    demo.add_argument(
+        "action", nargs="?", choices=["run", "stop"], default="run", help="stop: end a demo kept serving"
+    )
+    demo.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="leave its cluster and app up (`odyssey demo stop` ends them)",
+    )
     _add_set(demo)
 
     evaluate = sub.add_parser("eval", help="score a model on every task's held-out split (Ray tasks)")
@@ -95,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["val", "test"])
     evaluate.add_argument("--limit", type=int, help="at most this many examples per task")
     evaluate.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
-    evaluate.add_argument("--out", type=Path, help="write eval.json and eval.md here")
+    evaluate.add_argument(
+        "--out", type=Path, help="write eval.json and eval.md here (default: runs/eval/<model>-<time>/)"
+    )
     evaluate.add_argument(
         "--no-code-checks",
         action="store_true",
@@ -168,6 +180,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--config", type=Path, help="a fake_multinode config (default: cluster/fake-gpu.yaml)")
     cluster_sub.add_parser("local-down", help="stop the local cluster and every node it added")
+    env = cluster_sub.add_parser(
+        "env",
+        help="export lines that point Ray's CLI (ray status, ray job, serve) at a local cluster: "
+        'eval "$(odyssey cluster env)"',
+    )
+    env.add_argument(
+        "role",
+        nargs="?",
+        choices=["local", "serve", "demo"],
+        help="the cluster `odyssey cluster local-up`, `odyssey serve` or `odyssey demo --keep-serving` "
+        "started in this checkout (default: the one that is up)",
+    )
     return parser
 
 
@@ -276,10 +300,18 @@ def _cluster_local_down(args) -> dict:
     return cluster.local_down()
 
 
+def _cluster_env(args) -> None:
+    from odyssey import cluster
+
+    print(cluster.env_lines(args.role))
+
+
 def _demo(args) -> dict:
     from odyssey.config import load_config
-    from odyssey.demo import DemoConfig, run
+    from odyssey.demo import DemoConfig, run, stop
 
+    if args.action == "stop":
+        return stop()
     overrides = [*args.overrides, *(["keep_serving=true"] if args.keep_serving else [])]
     return run(load_config(DemoConfig, None, overrides))
 
@@ -287,7 +319,7 @@ def _demo(args) -> dict:
 def _eval(args) -> dict:
     from odyssey import cluster
     from odyssey.evaluation.inference import AnswerSettings
-    from odyssey.evaluation.runner import check_tasks, evaluate
+    from odyssey.evaluation.runner import check_tasks, evaluate, markdown, write_report
     from train.export import exported_model, training_corpus
 
     tasks = check_tasks(args.tasks.split(",") if args.tasks else None)
@@ -306,17 +338,17 @@ def _eval(args) -> dict:
             settings=settings,
             out=args.out,
         )
-    print(
-        (args.out / "eval.md").read_text(encoding="utf-8")
-        if args.out
-        else json.dumps(report["tasks"], indent=1),
-        file=sys.stderr,
-    )
-    return {
-        "model_id": report["model_id"],
-        "metrics": report["metrics"],
-        "out": str(args.out) if args.out else None,
-    }
+    out = args.out or default_eval_dir(report["model_id"])
+    if args.out is None:  # evaluate() wrote nothing: the report goes beside the other runs
+        write_report(report, out)
+    print(markdown(report), file=sys.stderr)
+    print(f"report: {out}/eval.json and eval.md", file=sys.stderr)
+    return {"model_id": report["model_id"], "metrics": report["metrics"], "out": str(out)}
+
+
+def default_eval_dir(model_id: str) -> Path:
+    """runs/eval/<model>-<digest>-<time>/: one per evaluation, none overwritten."""
+    return Path("runs") / "eval" / f"{model_id.replace('@', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _promote(args) -> dict:
@@ -341,6 +373,7 @@ COMMANDS = {
     ("cluster", "check"): _cluster_check,
     ("cluster", "local-up"): _cluster_local_up,
     ("cluster", "local-down"): _cluster_local_down,
+    ("cluster", "env"): _cluster_env,
 }
 
 
@@ -362,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("onnx_ir", "onnxscript", "absl", "bm25s", "httpx"):  # libraries' chatter at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.quiet_driver()  # libraries' chatter at INFO, and what Ray forwards of it
     sub = getattr(args, f"{args.command}_command", None)
     try:
         result = COMMANDS[(args.command, sub)](args)
@@ -371,5 +403,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"odyssey: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, "odyssey: interrupted; outputs being written were discarded\n")
-    print(json.dumps(result))  # the last stdout line: one JSON object, for scripts and CI
+    if result is not None:  # `cluster env` prints shell lines instead
+        print(json.dumps(result))  # the last stdout line: one JSON object, for scripts and CI
     return 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from odyssey import atomic, logs
 from odyssey.errors import OdysseyError
 
 # "0": Ray's single-machine mode (its default on macOS): node addresses stay on loopback.
@@ -37,6 +40,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     Inside a Ray worker (a Tune trial), or once connected, there is nothing to do."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
+    logs.quiet_driver()  # before Ray is imported: it reads which forwarded lines to drop then
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if address and address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]"):
@@ -62,7 +66,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=logs.runtime_env(), logging_level=logging.WARNING)
         return
     # The dashboard too, on loopback: it shows the run, and Ray Train's placement-group cleaner asks its
     # state API whether the run's controller is alive. Every process of the cluster inherits this
@@ -77,10 +81,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         dashboard_host="127.0.0.1",
         dashboard_port=port,
         _node_ip_address="127.0.0.1",
+        runtime_env=logs.runtime_env(),  # every worker process of the job quiets the libraries first
+        logging_level=logging.WARNING,  # "Started a local Ray instance": the line below says more
     )
     if context.dashboard_url:
         how = (
-            f"the token in {token}"
+            f"it asks for the token in {token}: `ray get-auth-token` prints it"
             if token
             else "a one-off token; set RAY_AUTH_TOKEN before launching to log in"
         )
@@ -103,6 +109,47 @@ def home() -> Path:
     return Path(os.environ.get("ODYSSEY_HOME", Path.home() / ".odyssey"))
 
 
+def checkout() -> Path:
+    """The checkout a command belongs to: the source tree of the running `odyssey` package (a clone with
+    an editable install, as `make` sets up), else the current directory (an installed package)."""
+    tree = Path(__file__).resolve().parent.parent
+    return tree if (tree / "pyproject.toml").is_file() else Path.cwd().resolve()
+
+
+def state_file(role: str, home_dir: Path | None = None) -> Path:
+    """Where the command `role` (serve, demo, local) of this checkout records the local cluster it
+    started: one file per checkout and command, so that no command joins or stops a cluster that another
+    checkout, or another command, started."""
+    tree = checkout()
+    key = f"{tree.name}-{hashlib.sha256(str(tree).encode()).hexdigest()[:10]}"
+    return (home_dir or home()) / "clusters" / key / f"{role}.json"
+
+
+def recorded(role: str) -> LocalHead | None:
+    """The live local cluster that `role` of this checkout started, if any (a stale record is dropped)."""
+    path = state_file(role)
+    head = LocalHead.load(path)
+    if head is not None and not head.alive():
+        path.unlink(missing_ok=True)
+        return None
+    return head
+
+
+def recorded_elsewhere(role: str) -> list[LocalHead]:
+    """Live local clusters that `role` started in other checkouts (for error messages that say where)."""
+    mine = state_file(role)
+    heads = (LocalHead.load(p) for p in sorted(home().glob(f"clusters/*/{role}.json")) if p != mine)
+    return [h for h in heads if h is not None and h.alive()]
+
+
+def elsewhere_hint(role: str) -> str:
+    others = recorded_elsewhere(role)
+    if not others:
+        return ""
+    listed = "; ".join(f"{h.checkout} (dashboard {h.dashboard_url})" for h in others)
+    return f". Other checkouts' clusters (run the command there, or pass --address): {listed}"
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
@@ -122,17 +169,23 @@ class LocalHead:
     gcs_address: str
     dashboard_url: str
     temp_dir: str
+    checkout: str = ""  # the checkout whose command started it
 
     def alive(self) -> bool:
+        """Whether the head still runs (a pid that a later process reused is not it)."""
         try:
             os.kill(self.pid, 0)
         except OSError:
             return False
+        cmdline = Path(f"/proc/{self.pid}/cmdline")
+        if cmdline.exists():  # Linux: the process must be this head's `ray start --temp-dir=...`
+            with contextlib.suppress(OSError):
+                return f"--temp-dir={self.temp_dir}".encode() in cmdline.read_bytes()
         return True
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self)) + "\n", encoding="utf-8")
+        atomic.write_text(path, json.dumps(asdict(self)) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> LocalHead | None:
@@ -192,13 +245,17 @@ def start_head(
     ensure_token()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # an embedded cluster's, when this process has one
-        env.pop(name, None)
+    env.pop("RAY_ADDRESS", None)  # an embedded cluster's (or a shell's), when this process has one
     # `ray start` turns --node-ip-address=127.0.0.1 into the machine's network address, and the servers
     # then listen on every interface. Ray's single-machine mode (what it does on macOS) keeps the node's
     # address, and every server, on loopback: for this head and for any node its autoscaler starts here.
     env[SINGLE_MACHINE] = "0"
     port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(7))
+    # Every process of the cluster inherits this: Ray's state API (Ray Train's placement-group cleaner
+    # asks it whether a run's controller lives) then asks this head's dashboard. Left to itself it looks
+    # for the Ray instances on the machine and gives up when it finds several (this head beside another
+    # one: the demo beside `odyssey serve`).
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     command = [
         str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -230,9 +287,12 @@ def start_head(
         proc = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    head = LocalHead(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir)
+    head = LocalHead(
+        proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir, str(checkout())
+    )
     deadline = time.monotonic() + wait_s
-    while not _answers(f"{head.dashboard_url}/api/version"):
+    ready = _autoscaler_reports if autoscaling is not None else _answers
+    while not ready(head.dashboard_url):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_head(head)
             raise OdysseyError(f"the Ray head node did not start; its log: {temp_dir}/head.log")
@@ -297,10 +357,10 @@ def listeners(pids: list[int]) -> list[tuple[str, int, str]]:
     return out
 
 
-def _answers(url: str) -> bool:
-    """Whether an HTTP server answers at url (any status, 401 included)."""
+def _answers(dashboard: str) -> bool:
+    """Whether the dashboard answers (any status, 401 included)."""
     try:
-        urllib.request.urlopen(url, timeout=2).close()
+        urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).close()
     except urllib.error.HTTPError:
         return True
     except OSError:
@@ -308,12 +368,19 @@ def _answers(url: str) -> bool:
     return True
 
 
+def _autoscaler_reports(dashboard: str) -> bool:
+    """Whether the head's autoscaler has reported the cluster's status (what `ray status` prints)."""
+    try:
+        token = os.environ.get("RAY_AUTH_TOKEN") or Path(_token_file() or "").read_text().strip()
+        url, auth = f"{dashboard}/api/cluster_status", {"Authorization": f"Bearer {token}"}
+        with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=2) as response:
+            return bool(json.loads(response.read())["data"].get("autoscalingStatus"))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------
 # `odyssey cluster local-up | local-down`: an autoscaling cluster of fake GPU nodes on this machine
-
-
-def local_state_file() -> Path:
-    return home() / "local-cluster.json"
 
 
 def local_up(config_path: Path) -> dict:
@@ -321,8 +388,8 @@ def local_up(config_path: Path) -> dict:
     `config_path` (cluster/fake-gpu.yaml: fake GPUs, real Ray nodes) on this machine."""
     from odyssey import cluster_files
 
-    head = LocalHead.load(local_state_file())
-    if head is not None and head.alive():
+    head = recorded("local")
+    if head is not None:
         raise OdysseyError(
             f"a local cluster is already up (dashboard {head.dashboard_url}); stop it with `odyssey cluster local-down`"
         )
@@ -336,23 +403,64 @@ def local_up(config_path: Path) -> dict:
     resources = config["available_node_types"][config["head_node_type"]]["resources"]
     print("starting a local autoscaling cluster (loopback, token auth)...", file=sys.stderr)
     head = start_head(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), autoscaling=config)
-    head.save(local_state_file())
-    token = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else _token_file()
+    head.save(state_file("local"))
     return {
         "dashboard": head.dashboard_url,
         "address": head.gcs_address,
-        "token": token,
+        "token": token_source(),
         "node_types": summary["node_types"],
-        "submit": f"RAY_AUTH_MODE=token ray job submit --address {head.dashboard_url} --working-dir . -- "
-        "python -m train --config tiny-fake-gpu --set storage=$PWD/runs",
+        "env": 'eval "$(odyssey cluster env)"',
+        "submit": "ray job submit --working-dir . -- python -m train --config tiny-fake-gpu --set storage=$PWD/runs",
         "stop": "odyssey cluster local-down",
     }
 
 
 def local_down() -> dict:
-    head = LocalHead.load(local_state_file())
+    head = recorded("local")
     if head is None:
-        raise OdysseyError("no local cluster to stop: none was started by `odyssey cluster local-up`")
+        raise OdysseyError(
+            "no local cluster of this checkout to stop: none was started by `odyssey cluster local-up` here"
+            + elsewhere_hint("local")
+        )
     stop_head(head)
-    local_state_file().unlink(missing_ok=True)
+    state_file("local").unlink(missing_ok=True)
     return {"stopped": head.dashboard_url}
+
+
+# ---------------------------------------------------------------------------------------------------
+# `odyssey cluster env`: Ray's own CLI (`ray status`, `ray job ...`, `serve ...`) pointed at a local cluster
+
+ROLES = {"local": "odyssey cluster local-up", "serve": "odyssey serve", "demo": "odyssey demo --keep-serving"}
+
+
+def token_source() -> str:
+    """Where clients find the token: the variable, or the file (`ray get-auth-token` prints it)."""
+    return "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else (_token_file() or "~/.ray/auth_token")
+
+
+def env_lines(role: str | None = None) -> str:
+    """`export` lines for a shell: Ray's CLI reaches the local cluster that `role` of this checkout
+    started (default: the only one up). Ray rewrites 127.0.0.1 to the machine's network address unless
+    its single-machine mode is on, and the cluster listens on loopback alone: hence that variable."""
+    up = {r: head for r in ROLES if (head := recorded(r)) is not None}
+    if role is None and len(up) > 1:
+        raise OdysseyError(
+            f"several local clusters are up ({', '.join(up)}): name one, e.g. `odyssey cluster env local`"
+        )
+    role = role or next(iter(up), "local")
+    head = up.get(role)
+    if head is None:
+        raise OdysseyError(
+            f"no {role} cluster of this checkout is up: start one with `{ROLES[role]}`" + elsewhere_hint(role)
+        )
+    return "\n".join(
+        [
+            f"# the {role} cluster of {head.checkout or checkout()}; dashboard {head.dashboard_url}",
+            f"# (a browser asks for the token: paste what `ray get-auth-token` prints; it is in {token_source()})",
+            "export RAY_AUTH_MODE=token",
+            f"export {SINGLE_MACHINE}=0",
+            f"export RAY_ADDRESS={head.gcs_address}",
+            f"export RAY_API_SERVER_ADDRESS={head.dashboard_url}",
+            f"export RAY_DASHBOARD_ADDRESS={head.dashboard_url}",
+        ]
+    )

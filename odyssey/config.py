@@ -132,6 +132,8 @@ def from_dict(cls: type[T], data: Any, path: str = "", base: Mapping[str, Any] |
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f"; did you mean {_join(path, close[0])!r}?" if close else ""
+        if hasattr(cls, "unknown_field_hint"):  # a config that knows where such a field belongs
+            hint = cls.unknown_field_hint(str(key), data[key]) or hint
         raise ConfigError(
             f"unknown field {_join(path, str(key))!r}{hint} (fields of {cls.__name__}: {', '.join(fields)})"
         )

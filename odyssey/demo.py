@@ -9,8 +9,9 @@
       -> one request to every endpoint, printed
 
 Everything lands under `out` (runs/demo): corpus/, runs/demo/ (the training run, its loss curve
-loss.png), model/, eval/. The cluster and the app stay up with --keep-serving (stop them with
-`odyssey serve stop`); otherwise they are stopped at the end.
+loss.png), model/, eval/. The demo starts a cluster of its own and never joins or stops another (an
+`odyssey serve` app keeps answering beside it). The cluster and the app stay up with --keep-serving
+(stop them with `odyssey demo stop`); otherwise they are stopped at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,8 +27,9 @@ from pathlib import Path
 
 import httpx
 
+from odyssey import cluster
 from odyssey.config import load_config
-from odyssey.errors import ConfigError
+from odyssey.errors import ConfigError, OdysseyError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class DemoConfig:
     seq_len: int = 256  # room for a code prompt and its answer
     train: list[str] = field(default_factory=list)  # more `key=value` overrides of the recipe
     eval_limit: int | None = None  # examples per task (None: the whole test split)
-    port: int = 8000
+    port: int | None = None  # Serve's HTTP port; None: 8000, or a free one when 8000 is taken
     keep_serving: bool = False
 
     def __post_init__(self) -> None:
@@ -47,6 +50,36 @@ class DemoConfig:
             raise ConfigError(f"steps={self.steps}: train at least one step")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"eval_limit={self.eval_limit}: use null (all) or >= 1")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError(f"port={self.port}: use a TCP port (1-65535), or null for 8000 or a free one")
+
+
+DEFAULT_PORT = 8000
+
+
+def serving_port(port: int | None, default: int = DEFAULT_PORT) -> int:
+    """The port the demo's app will listen on, checked before anything starts: `port`, which must be
+    free; else `default`, or a free one when something (another app) holds it."""
+    if port is not None:
+        if not port_free(port):
+            raise ConfigError(
+                f"port={port} is in use on 127.0.0.1; pick another (--set port=N) or leave it out"
+            )
+        return port
+    if port_free(default):
+        return default
+    port = cluster.free_port()
+    log.info("demo: port %d is in use (another app?); the demo serves on port %d", default, port)
+    return port
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def train_config(cfg: DemoConfig):
@@ -150,7 +183,6 @@ def show(calls: list[dict], base: str) -> None:
 
 
 def run(cfg: DemoConfig) -> dict:
-    from odyssey import cluster
     from odyssey.evaluation.runner import evaluate
     from serve import launch
     from train import checkpoint
@@ -159,8 +191,14 @@ def run(cfg: DemoConfig) -> dict:
 
     t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     train_cfg = train_config(cfg)  # a bad override fails here, before a cluster starts
+    port = serving_port(cfg.port)
+    if (previous := cluster.recorded("demo")) is not None:
+        raise OdysseyError(
+            f"the last demo of this checkout is still serving (dashboard {previous.dashboard_url}); "
+            "stop it with `odyssey demo stop`"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
 
     def stage(name: str, since: float) -> float:
@@ -169,14 +207,15 @@ def run(cfg: DemoConfig) -> dict:
         log.info("demo: %s done in %.1f s", name, now - since)
         return now
 
-    # 1. A local cluster on loopback with token auth; it outlives this process when kept serving. Its
-    # logical CPUs: 2 training workers + 1 for Ray Data's readers at least (each worker sets its own
+    # 1. A cluster of its own, on loopback with token auth; it outlives this process when kept serving.
+    # Its logical CPUs: 2 training workers + 1 for Ray Data's readers at least (each worker sets its own
     # thread count, so the cores are not oversubscribed).
-    dashboard, _ = launch.find_or_start_cluster(None, num_cpus=max(os.cpu_count() or 1, 4))
-    head = cluster.LocalHead.load(launch.state_file())
-    cluster.connect(head.gcs_address)
-    t = stage("cluster", t0)
+    print("starting the demo's own Ray cluster (loopback, token auth)...", file=sys.stderr)
+    head = cluster.start_head(num_cpus=max(os.cpu_count() or 1, 4))
+    head.save(cluster.state_file("demo"))
     try:
+        cluster.connect(head.gcs_address)
+        t = stage("cluster", t0)
         # 2-3. Data on the driver (missing pieces only), then pretraining on 2 workers with ZeRO-2.
         summary = train(train_cfg, head.gcs_address)
         run_dir = Path(summary["run_dir"])
@@ -190,21 +229,19 @@ def run(cfg: DemoConfig) -> dict:
         t = stage("eval", t)
         print("\n" + (out / "eval" / "eval.md").read_text(encoding="utf-8"), end="")
         # 6. The Serve app, then one real request to every endpoint.
-        served = launch.deploy(model, cfg.port, address=dashboard)
+        served = launch.deploy(model, port, address=head.dashboard_url)
         t = stage("serve", t)
         calls = call_every_endpoint(served["url"], Path(train_cfg.data.corpus))
         stage("requests", t)
         show(calls, served["url"])
     except BaseException:
-        _stop(launch, cluster_too=not cfg.keep_serving)
+        cluster.disconnect()
+        stop(head)
         raise
-    _stop(launch, cluster_too=not cfg.keep_serving)  # no Ray log line may follow the summary on stdout
-    if cfg.keep_serving:
-        print(
-            f"\nStill serving at {served['url']} (dashboard {dashboard}). Stop it all with: odyssey serve stop"
-        )
-    else:
-        print("\nStopped the app and the local cluster. `odyssey demo --keep-serving` leaves them up.")
+    cluster.disconnect()  # no Ray log line may follow the summary on stdout
+    if not cfg.keep_serving:
+        stop(head)
+    print(next_steps(cfg.keep_serving, served["url"], head.dashboard_url, model))
     result = {
         "out": str(out),
         "run_dir": str(run_dir),
@@ -215,8 +252,11 @@ def run(cfg: DemoConfig) -> dict:
         "training": {
             k: summary[k] for k in ("steps", "tokens", "first_loss", "final_loss", "val_loss", "tokens_per_s")
         },
-        "url": served["url"] if cfg.keep_serving else None,
-        "dashboard": dashboard if cfg.keep_serving else None,
+        "serving": cfg.keep_serving,
+        "url": served["url"],
+        "dashboard": head.dashboard_url,
+        "stop": "odyssey demo stop" if cfg.keep_serving else None,
+        "serve_again": f"odyssey serve --model {relative(model)}",
         "calls": {c["request"]: c["status"] for c in calls},
         "stages_s": stages,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -225,14 +265,36 @@ def run(cfg: DemoConfig) -> dict:
     return result
 
 
-def _stop(launch, cluster_too: bool) -> None:
-    """Disconnect this driver; with cluster_too, also delete the app and stop the local cluster."""
-    from odyssey import cluster
+def next_steps(keep_serving: bool, url: str, dashboard: str, model: Path) -> str:
+    if keep_serving:
+        return (
+            f"\nStill serving at {url} (dashboard {dashboard}; `odyssey cluster env demo` points Ray's CLI "
+            "at it).\nStop the app and its cluster with: odyssey demo stop"
+        )
+    return (
+        "\nStopped the app and the demo's cluster. Serve the model again with:\n"
+        f"  odyssey serve --model {relative(model)}      # then the curl lines above; `odyssey serve stop` ends it\n"
+        "or run `odyssey demo --keep-serving` to leave the demo's app up."
+    )
 
-    cluster.disconnect()
-    if not cluster_too:
-        return
+
+def relative(path: Path) -> str:
+    """A path as a user typing in this directory would write it."""
     try:
-        launch.stop()
-    except Exception as e:
-        print(f"could not stop the local cluster ({e}); run `odyssey serve stop`", file=sys.stderr)
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def stop(head: cluster.LocalHead | None = None) -> dict:
+    """Stop the demo's cluster (its app with it): `head`, or the one this checkout's last demo kept up.
+    Nothing else: a cluster that another command or checkout started is never touched."""
+    head = head or cluster.recorded("demo")
+    if head is None:
+        raise OdysseyError(
+            "no demo of this checkout is serving: `odyssey demo --keep-serving` leaves one up"
+            + cluster.elsewhere_hint("demo")
+        )
+    cluster.stop_head(head)
+    cluster.state_file("demo").unlink(missing_ok=True)
+    return {"stopped": "demo", "dashboard": head.dashboard_url}

@@ -9,17 +9,48 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from odyssey import cluster
 from odyssey.errors import OdysseyError
 
 
-def parser(prog: str, description: str, config_default: str, config_help: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", default=config_default, help=config_help)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+def parser(prog: str, description: str, kind: str, config_dir: Path, default: str) -> argparse.ArgumentParser:
+    """Flags shared by the entry points; --help lists the named configs of `config_dir` and the default."""
+    names = ", ".join(sorted(p.stem for p in config_dir.glob("*.yaml")))
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"{kind}s ({config_dir.parent.name}/{config_dir.name}/): {names}",
+    )
+    p.add_argument(
+        "--config",
+        metavar="NAME|PATH",
+        help=f"a {kind} by name (listed below) or a YAML file (default: {default})",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the config, dotted (e.g. --set steps=200 --set optim.lr=3e-3); repeatable. "
+        "An unknown field is an error naming the closest one",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
+    p.set_defaults(kind=kind, default_config=default)
     return p
+
+
+def config_name(args: argparse.Namespace) -> str:
+    """--config, or the default, said out loud."""
+    if args.config is None:
+        print(
+            f"no --config given: using the {args.kind} {args.default_config!r} (--help lists the others)",
+            file=sys.stderr,
+        )
+        return args.default_config
+    return args.config
 
 
 def run(name: str, work: Callable[[], dict]) -> int:

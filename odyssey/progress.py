@@ -11,6 +11,11 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def fmt_rate(per_s: float) -> str:
+    """12.3k above a thousand, 8.3 below (a few rows a second must not read as 0.0k)."""
+    return f"{per_s / 1000:.1f}k" if per_s >= 1000 else f"{per_s:.1f}"
+
+
 class Progress:
     """Prints `step 120/300 | loss 3.2100 | 12.3k tok/s | eta 0:00:42` at most every `every_s` seconds
     (and always at the last step). Rates count from the first update, so start-up is not averaged in."""
@@ -35,5 +40,5 @@ class Progress:
         eta = (self.total - step) / steps_per_s if steps_per_s else 0.0
         parts = [f"step {step}/{self.total}"]
         parts += [f"{k} {v:.4f}" for k, v in metrics.items()]
-        parts += [f"{rate / 1000:.1f}k {self.unit}/s", f"eta {fmt_duration(eta)}"]
+        parts += [f"{fmt_rate(rate)} {self.unit}/s", f"eta {fmt_duration(eta)}"]
         self.emit(" | ".join(parts))

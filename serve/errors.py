@@ -28,6 +28,10 @@ class NotFound(ServeError):
     status, type = 404, "not_found"
 
 
+class MethodNotAllowed(ServeError):
+    status, type = 405, "method_not_allowed"
+
+
 class InputTooLong(ServeError):
     status, type = 413, "input_too_long"
 

@@ -1,16 +1,17 @@
 """`Finder`: passage search over a pile of documents (serve/passages.py), with the model's embeddings.
 
-At start it cuts the documents into passages, builds BM25, and embeds every passage through the
-`LanguageModel` handle (batched with everyone else's requests). A query is embedded the same way;
-the answer says which model embedded it. When that is not the model the index was embedded with (a
-redeploy swapped models), the query is answered by BM25 alone and the index is re-embedded in the
-background.
+At start it cuts the documents into passages (each distinct text once), builds BM25, and embeds every
+passage through the `LanguageModel` handle (batched with everyone else's requests). A query is
+embedded the same way; the answer says which model embedded it. When that is not the model the index
+was embedded with (a redeploy swapped models), the query is answered by BM25 alone and the index is
+re-embedded in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ log = logging.getLogger("ray.serve")
 
 EMBED_CALL_ROWS = 256  # passages per embed call while indexing
 EMBED_CALLS_IN_FLIGHT = 2  # indexing leaves room in the model's queue for live traffic
+ALSO_IN_LISTED = 10  # other places a hit lists: a license paragraph may recur in hundreds of files
 
 
 @serve.deployment(name="Finder")
@@ -40,7 +42,11 @@ class Finder:
         self.reembedding: asyncio.Task | None = None
         await self._embed_index()
         log.info(
-            "passage index: %d documents, %d passages, %s", len(docs), len(passages), self.index.model_id
+            "passage index: %d documents, %d distinct passages (%d places), %s",
+            len(docs),
+            len(passages),
+            sum(1 + len(p.also_in) for p in passages),
+            self.index.model_id,
         )
 
     async def _embed_index(self) -> None:
@@ -90,6 +96,7 @@ class Finder:
                     "score": h.score,
                     "bm25": h.bm25,
                     "dense": h.dense,
+                    "also_in": [asdict(place) for place in h.passage.also_in[:ALSO_IN_LISTED]],
                 }
                 for h in hits
             ],

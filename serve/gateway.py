@@ -4,11 +4,13 @@
     POST /v1/completions                                     OpenAI's shape; "stream": true -> server-sent events
     GET  /v1/models  /healthz  /docs
 
-Its job is the HTTP contract, not the model: validate (422 naming the field), refuse oversized input
-(413, by Content-Length or by counting a chunked body as it arrives), check the API key when auth is
-on (401), bound every call downstream by a timeout (504), turn back-pressure from the model's bounded
-queue into 503 + Retry-After instead of an unbounded wait, and send a call again when the replica
-that had it died (SIGKILL, a lost node): the calls have no side effects, and another replica answers.
+Its job is the HTTP contract, not the model: validate (422 naming the field, or the line and column
+of broken JSON, or the missing `Content-Type: application/json`), refuse oversized input (413, by
+Content-Length or by counting a chunked body as it arrives), answer a wrong method with 405 and its
+`Allow`, check the API key when auth is on (401), bound every call downstream by a timeout (504), turn
+back-pressure from the model's bounded queue into 503 + Retry-After instead of an unbounded wait, and
+send a call again when the replica that had it died (SIGKILL, a lost node): the calls have no side
+effects, and another replica answers.
 Every error body is `{"error": {"type", "message", "param"?, "request_id"}}`; every response carries
 `x-request-id` (Serve's proxy sets it, or echoes the client's).
 """
@@ -40,6 +42,7 @@ from serve import schemas
 from serve.errors import (
     InputTooLong,
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     Overloaded,
     ServeError,
@@ -52,6 +55,14 @@ from serve.replica_network import bind_internal_server
 
 log = logging.getLogger("ray.serve")
 FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
+JSON_KINDS = {  # a JSON value's kind by the Python type json gives it, for "not an object" errors
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 RETRIES = 3  # sends of a call again after its replica died, within the call's one timeout
 
 
@@ -94,6 +105,76 @@ def error_response(exc: ServeError, retry_after_s: int, param: str | None = None
         body["param"] = param
     headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
     return JSONResponse({"error": body}, status_code=exc.status, headers=headers)
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this type as JSON (application/json, application/*+json). It
+    hands any other body, or one sent without a type, to validation as raw bytes, which then fail as
+    "not a dictionary": true, but silent about the header that would have fixed it."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def json_position(document: object, pos: object) -> str:
+    """Where a JSON decode error is, in words: the line and column an editor shows, and the character
+    offset that json reports (all a client sees otherwise is a bare number)."""
+    if not isinstance(pos, int):
+        return "an unknown position"
+    if not isinstance(document, str):
+        return f"character {pos}"
+    line = document.count("\n", 0, pos) + 1
+    column = pos - document.rfind("\n", 0, pos)  # rfind is -1 on the first line: column pos + 1
+    return f"line {line}, column {column} (character {pos})"
+
+
+def body_problem(error: dict, document: object, content_type: str | None) -> str | None:
+    """What is wrong with the body as a whole (broken JSON, not sent as JSON, missing), with the fix;
+    None when the problem is in one field."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "not JSON")
+        return f"body: invalid JSON at {json_position(document, loc[-1] if loc else None)}: {reason}"
+    if loc != ("body",):
+        return None
+    if error.get("type") == "missing":
+        return "body: missing; send a JSON object with the header `Content-Type: application/json`"
+    if not is_json(content_type):
+        sent = (
+            f"this one came as {content_type!r}" if content_type else "this one came without a Content-Type"
+        )
+        return f"body: must be JSON sent with the header `Content-Type: application/json`; {sent}"
+    kind = JSON_KINDS.get(type(error.get("input")), "that")
+    return f"body: must be a JSON object of the request's fields, not {kind}"
+
+
+def invalid_request(errors: list[dict], document: object, content_type: str | None) -> tuple[str, str | None]:
+    """A RequestValidationError as one message naming each problem once, and the first field named
+    (`param`; "body" when the body as a whole is the problem)."""
+    problems, param = [], None
+    for error in errors:
+        where, problem = "body", body_problem(error, document, content_type)
+        if problem is None:
+            # Field names and list indexes; not the labels pydantic gives the members of a union
+            # ("prompt" may be a string or a list: "function-after[...]", "list[...]").
+            loc = [str(p) for p in error.get("loc", ()) if p != "body" and FIELD.fullmatch(str(p))]
+            where = ".".join(loc) or None
+            problem = f"{where or 'body'}: {error.get('msg')}"
+        param = param or where
+        if problem not in problems:
+            problems.append(problem)
+    return "; ".join(problems), param
+
+
+def http_error(request: Request, exc: HTTPException) -> ServeError:
+    """One of Starlette's or FastAPI's own refusals (an unknown route, a wrong method, a body it cannot
+    decode, a body over the limit) as the error it means, saying what to do instead."""
+    if exc.status_code == 405:
+        allowed = [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
+        fix = f"use {' or '.join(allowed)}" if allowed else "GET /docs lists each endpoint's method"
+        return MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; {fix}")
+    if exc.status_code == 404:
+        return NotFound(f"nothing at {request.url.path}; GET /docs lists the endpoints")
+    return {413: InputTooLong}.get(exc.status_code, InvalidRequest)(str(exc.detail))
 
 
 def sse(payload: dict | str) -> str:
@@ -237,35 +318,19 @@ def build_api(gw: Gateway) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException):
-        # FastAPI's own refusals (a body it cannot decode, an unknown route, a wrong method), and a body
-        # over the limit: the same error body as every other error.
-        error = {404: NotFound, 413: InputTooLong}.get(exc.status_code, InvalidRequest)(str(exc.detail))
-        response = error_response(error, s.retry_after_s)
+        # The same error body as every other error, and the refusal's own headers (a 405's Allow).
+        response = error_response(http_error(request, exc), s.retry_after_s)
         response.status_code = exc.status_code
+        response.headers.update(exc.headers or {})
         return response
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError):
-        problems, param = [], None
-        for err in exc.errors():
-            # Field names and list indexes; not the labels pydantic gives the members of a union
-            # ("prompt" may be a string or a list: "function-after[...]", "list[...]").
-            loc = [str(p) for p in err.get("loc", ()) if p != "body" and FIELD.fullmatch(str(p))]
-            param = param or ".".join(loc) or None
-            problem = f"{'.'.join(loc) or 'body'}: {err.get('msg')}"
-            if problem not in problems:
-                problems.append(problem)
-        return JSONResponse(
-            {
-                "error": {
-                    "type": "invalid_request",
-                    "message": "; ".join(problems),
-                    "param": param,
-                    "request_id": request_id(),
-                }
-            },
-            status_code=422,
-        )
+        # 422 for every body that cannot be taken as the request, broken JSON and the wrong content
+        # type included: FastAPI's own status for them, and what clients already handle.
+        message, param = invalid_request(exc.errors(), exc.body, request.headers.get("content-type"))
+        error = {"type": "invalid_request", "message": message, "param": param, "request_id": request_id()}
+        return JSONResponse({"error": error}, status_code=422)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):

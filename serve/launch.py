@@ -32,8 +32,8 @@ APP = "odyssey"
 
 
 def state_file() -> Path:
-    """Where `odyssey serve` remembers the local cluster it started."""
-    return cluster.home() / "serve-cluster.json"
+    """Where `odyssey serve` of this checkout remembers the local cluster it started."""
+    return cluster.state_file("serve")
 
 
 def serve_config(config_path: Path, model: Path, port: int | None, overrides: list[str]) -> dict:
@@ -73,8 +73,8 @@ def find_or_start_cluster(address: str | None, num_cpus: int | None = None) -> t
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS")
     if address:
         return address, False
-    head = cluster.LocalHead.load(state_file())
-    if head is not None and head.alive():
+    head = cluster.recorded("serve")
+    if head is not None:
         return head.dashboard_url, False
     print("starting a local Ray cluster (loopback, token auth)...", file=sys.stderr)
     head = cluster.start_head(num_cpus=num_cpus)
@@ -82,10 +82,27 @@ def find_or_start_cluster(address: str | None, num_cpus: int | None = None) -> t
     return head.dashboard_url, True
 
 
+def patiently(call, deadline: float, what: str):
+    """`call()` to the dashboard, again while its connection drops or times out (a busy head drops
+    some), until `deadline`; then one line that says what to check."""
+    import requests
+
+    while True:
+        try:
+            return call()
+        except (requests.ConnectionError, requests.Timeout, ConnectionError) as e:
+            if time.monotonic() > deadline:
+                raise OdysseyError(
+                    f"the Ray dashboard did not answer while {what} ({type(e).__name__}); is the cluster up? "
+                    "`odyssey cluster env serve` then `ray status` tells"
+                ) from None
+            time.sleep(1)
+
+
 def wait_running(client, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        details = client.get_serve_details()
+        details = patiently(client.get_serve_details, deadline, "waiting for the app")
         app = (details.get("applications") or {}).get(APP)
         status = app and app.get("status")
         if status == "RUNNING":
@@ -137,16 +154,18 @@ def deploy(
     dashboard, started = find_or_start_cluster(address)
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    client = ServeSubmissionClient(dashboard)
-    details = client.get_serve_details()
+    connect = time.monotonic() + 30  # a dashboard that never answers is no cluster: say so soon
+    client = patiently(lambda: ServeSubmissionClient(dashboard), connect, f"connecting to {dashboard}")
+    deadline = time.monotonic() + timeout_s
+    details = patiently(client.get_serve_details, deadline, "reading the cluster's Serve state")
     running = (details.get("http_options") or {}).get("port")
     wanted = config.get("http_options", {}).get("port", 8000)
     if running and running != wanted and details.get("applications"):
         raise OdysseyError(
             f"Serve already listens on port {running} on this cluster; use --port {running} or `odyssey serve stop`"
         )
-    client.deploy_applications(config)
-    wait_running(client, timeout_s)
+    patiently(lambda: client.deploy_applications(config), deadline, "submitting the app")
+    wait_running(client, deadline - time.monotonic())
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{wanted}"
     headers = api_key_headers(config)
@@ -176,18 +195,21 @@ def deploy(
 
 
 def stop(address: str | None = None) -> dict:
-    """Delete the app; stop the local cluster if `odyssey serve` started it."""
-    head = cluster.LocalHead.load(state_file())
+    """Delete the app; stop the local cluster if `odyssey serve` of this checkout started it (and only
+    then: a cluster that another checkout or command started is never stopped from here)."""
+    head = cluster.recorded("serve")
     dashboard = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or (head.dashboard_url if head else None)
     if dashboard is None:
-        raise OdysseyError("no cluster to stop: none was started by `odyssey serve`; pass --address")
+        raise OdysseyError(
+            "no cluster to stop: `odyssey serve` started none in this checkout; pass --address"
+            + cluster.elsewhere_hint("serve")
+        )
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     stopped_cluster = False
     if head is not None and head.dashboard_url == dashboard:
-        if head.alive():
-            ServeSubmissionClient(dashboard).delete_applications()
+        ServeSubmissionClient(dashboard).delete_applications()
         cluster.stop_head(head)
         state_file().unlink(missing_ok=True)
         stopped_cluster = True

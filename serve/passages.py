@@ -1,5 +1,8 @@
 """The passage index behind /v1/find: documents cut into passages, searched two ways and fused.
 
+Each distinct passage text is indexed once, with every place it occurs (split_documents): a paragraph
+that many documents quote is one search result, not many equal ones.
+
 - BM25 (bm25s) catches exact words: clause numbers, license names, package names.
 - Dense: the model's embedding of each passage, searched exactly (one matrix product; a few hundred
   thousand passages fit before an approximate index would pay off). It catches paraphrases.
@@ -29,12 +32,24 @@ RRF_K = 60  # the constant of reciprocal rank fusion; 60 is the published defaul
 
 
 @dataclass(frozen=True)
-class Passage:
+class Place:
     doc_id: str
     title: str
-    start: int  # character offsets into the document's text: text[start:end] is the passage
+    start: int  # character offsets into the document's text
+    end: int
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A distinct passage text, at the first place it occurs (text == that document's text[start:end])
+    and, in also_in, every other place with the same text but for whitespace."""
+
+    doc_id: str
+    title: str
+    start: int
     end: int
     text: str
+    also_in: tuple[Place, ...] = ()
 
 
 def load_documents(source: str | Path | None = None, max_documents: int | None = None) -> list[Document]:
@@ -63,15 +78,30 @@ def load_documents(source: str | Path | None = None, max_documents: int | None =
 
 
 def split_documents(documents: list[Document]) -> list[Passage]:
-    """Paragraph-sized passages (the corpus's own splitter), each with its offsets in its document."""
-    passages = []
+    """Paragraph-sized passages (the corpus's own splitter), each distinct text once. Packages'
+    copyright files quote the same license paragraphs word for word; indexed once per copy, a search
+    would answer the same paragraph several times (same text, same score) and the finder would embed
+    it as often. So a passage keeps the first place it occurs and lists the others."""
+    texts: dict[str, str] = {}  # the text as it reads at its first place
+    places: dict[str, list[Place]] = {}
+    for place, text in _places(documents):
+        key = " ".join(text.split())  # the same text, however it was wrapped or indented
+        texts.setdefault(key, text)
+        places.setdefault(key, []).append(place)
+    return [
+        Passage(first.doc_id, first.title, first.start, first.end, texts[key], tuple(others))
+        for key, (first, *others) in places.items()
+    ]
+
+
+def _places(documents: list[Document]):
+    """(place, text) of every passage of every document, in order."""
     for doc in documents:
         cursor = 0
         for text in legal.split_passages(doc.text):
             start = doc.text.find(text, cursor)  # every passage is a substring, in order
-            passages.append(Passage(doc.doc_id, doc.title, start, start + len(text), text))
+            yield Place(doc.doc_id, doc.title, start, start + len(text)), text
             cursor = start + 1
-    return passages
 
 
 @dataclass

@@ -76,10 +76,11 @@ def _dashboard(address: str | None) -> str:
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS")
     if address:
         return address
-    head = cluster.LocalHead.load(launch.state_file())
-    if head is None or not head.alive():
+    head = cluster.recorded("serve")
+    if head is None:
         raise OdysseyError(
             "no serving cluster found: pass --address (its dashboard URL) or deploy with `odyssey serve`"
+            + cluster.elsewhere_hint("serve")
         )
     return head.dashboard_url
 
@@ -101,8 +102,10 @@ def serving_path(client, timeout_s: float) -> str:
 def _connect_driver(dashboard: str) -> None:
     """Evaluation runs as Ray tasks: on the local head when that is the one serving, else on the cluster
     RAY_ADDRESS names (inside `ray job submit`), else on an embedded one."""
-    head = cluster.LocalHead.load(launch.state_file())
-    cluster.connect(head.gcs_address if head is not None and head.dashboard_url == dashboard else None)
+    head = next(
+        (h for r in cluster.ROLES if (h := cluster.recorded(r)) and h.dashboard_url == dashboard), None
+    )
+    cluster.connect(head.gcs_address if head is not None else None)
 
 
 def _export_candidate(ckpt: Path) -> Path:

@@ -128,8 +128,15 @@ class ModerateResponse(BaseModel):
     model: str
 
 
-class PassageHit(BaseModel):
+class PassagePlace(BaseModel):
     doc_id: str
+    title: str
+    start: int  # character offsets in that document
+    end: int
+
+
+class PassageHit(BaseModel):
+    doc_id: str  # where the passage first occurs
     title: str
     start: int  # character offsets of the passage in its document
     end: int
@@ -137,6 +144,9 @@ class PassageHit(BaseModel):
     score: float  # fused rank score: higher is better
     bm25: float
     dense: float | None  # cosine similarity of the model's embeddings; null when not used
+    # The other places with the same text (whitespace aside), e.g. a license paragraph that several
+    # packages' copyright files quote: a passage is answered once, wherever it occurs. At most 10.
+    also_in: list[PassagePlace] = []
 
 
 class FindResponse(BaseModel):
@@ -176,7 +186,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "odyssey"
-    root: str  # name@weights digest: which weights answer
+    root: str  # name@<the first 12 hex digits of the weights' sha256>: which weights answer
 
 
 class ModelList(BaseModel):
@@ -186,7 +196,8 @@ class ModelList(BaseModel):
 
 class ErrorBody(BaseModel):
     type: str
-    message: str
+    message: str  # what is wrong and what to do about it
+    param: str | None = None  # the field at fault ("body" for the body as a whole), when there is one
     request_id: str | None = None
 
 

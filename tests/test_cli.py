@@ -4,6 +4,7 @@ that name what to fix (exit status 2, no traceback)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,45 @@ def test_model_presets_table():
         15 < table["small"]["params_M"] < 25
         and table["gpt-1.3b"]["GFLOP_per_token"] > table["gpt-125m"]["GFLOP_per_token"]
     )
+
+
+def test_train_and_tune_say_what_they_run_and_where_a_field_belongs(tmp_path):
+    helped = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True)
+    text = " ".join(helped.stdout.split())  # argparse wraps lines at the terminal's width
+    assert "recipes (train/configs/): gpt-1.3b, gpt-125m, gpt-350m, small-cpu, tiny-cpu" in text
+    assert "(default: tiny-cpu)" in text and "override a field of the config" in text
+    # No --config: the default is said out loud (a bad override then stops it before Ray starts).
+    run = subprocess.run(
+        [sys.executable, "-m", "train", "--set", "steps=0"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2 and "no --config given: using the recipe 'tiny-cpu'" in run.stderr
+    # A training field set on a sweep's top level points under `train.`, to the closest real field.
+    tune = subprocess.run(
+        [sys.executable, "-m", "tune", "--set", "optim.lrr=1"], capture_output=True, text=True, timeout=120
+    )
+    assert tune.returncode == 2 and "did you mean 'train.optim.lr'?" in tune.stderr
+
+
+def test_a_model_path_with_a_typo_is_no_such_path_with_the_near_miss(tmp_path):
+    (tmp_path / "model").mkdir()
+    result = odyssey("eval", str(tmp_path / "modell"), "--limit", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"modell: no such path (did you mean {tmp_path / 'model'}?)" in result.stderr
+    assert "an exported model directory" in result.stderr  # exported models are accepted too
+    result = odyssey("eval", str(tmp_path / "model"))
+    assert result.returncode == 2 and "holds no model" in result.stderr
+
+
+def test_stop_commands_stop_only_what_this_checkout_started(tmp_path):
+    env = {**os.environ, "ODYSSEY_HOME": str(tmp_path)}
+    env.pop("RAY_DASHBOARD_ADDRESS", None)
+    for args, message in [
+        (["demo", "stop"], "no demo of this checkout is serving"),
+        (["serve", "stop"], "`odyssey serve` started none in this checkout"),
+        (["cluster", "local-down"], "no local cluster of this checkout to stop"),
+        (["cluster", "env"], "no local cluster of this checkout is up"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "odyssey", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from odyssey import atomic, cluster, cluster_files
+from train import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,7 @@ def fake_cluster(tmp_path_factory):
     up = odyssey_cluster("local-up", env, "--config", str(config_path))
     assert up.returncode == 0, up.stderr[-3000:]
     info = json.loads(up.stdout.strip().splitlines()[-1])
-    head = cluster.LocalHead.load(home / "local-cluster.json")
+    head = cluster.LocalHead.load(cluster.state_file("local", home))
     try:
         yield info, head, env
     finally:
@@ -152,12 +153,13 @@ def test_an_elastic_gpu_job_starts_on_one_worker_and_grows_onto_the_node_the_aut
     )
     assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-2000:]
 
-    # Node counts over time, while the job runs and after it ends. Once the run trains on its one worker,
-    # the head's autoscaler may add a GPU node: its config file is read again at every update.
+    # Node counts over time, while the job runs and after it ends. Once the run has trained on its one
+    # worker up to its first checkpoint, the head's autoscaler may add a GPU node: its config file is read
+    # again at every update. (Raised sooner, the run could grow before it has a checkpoint to reshard.)
     timeline, seen, exposed, start, ended, opened = [], set(), [], time.monotonic(), None, None
     while True:
         now = time.monotonic() - start
-        if opened is None and any(e.get("world_size") == 1 for e in events_of(tmp_path / "elastic")):
+        if opened is None and checkpoint.published(tmp_path / "elastic"):
             autoscaling = Path(head.temp_dir) / "autoscaling.yaml"
             config = yaml.safe_load(autoscaling.read_text())
             config["available_node_types"]["ray.worker.gpu"]["max_workers"] = 2

@@ -97,7 +97,10 @@ def test_eval_cli_names_a_bad_task_and_a_missing_model(tmp_path, exported_models
         text=True,
         timeout=120,
     )
-    assert missing.returncode == 2 and "no training checkpoint in" in missing.stderr
+    assert (
+        missing.returncode == 2
+        and "nothing: no such path; give an exported model directory" in missing.stderr
+    )
 
 
 def test_code_checks_can_be_turned_off(exported_models):

@@ -1,13 +1,18 @@
 """The whole pipeline as a newcomer runs it: `odyssey demo` (what `make demo` runs, with fewer steps
-and a shorter evaluation) on a local cluster of its own, kept serving; then the operator's workflow on
-that cluster: `serve deploy` of the checked-in config with another model (an in-place swap), promotion
-(a worse checkpoint refused, a better one rolled out under steady load without a failed request), the
-passage index following the model, and `odyssey serve stop` taking it all down."""
+and a shorter evaluation) while another `odyssey serve` app of the same checkout is up: the demo trains
+and serves on a cluster of its own, kept serving, and leaves the other app answering. Then the
+operator's workflow on the demo's cluster: `serve deploy` of the checked-in config with another model
+(an in-place swap), promotion (a worse checkpoint refused, a better one rolled out under steady load
+without a failed request), the passage index following the model, and `odyssey demo stop` taking the
+demo down and nothing else. Another checkout sees neither cluster."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +27,7 @@ from odyssey import cluster
 from serve import launch
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 ENDPOINTS = [
     "/healthz",
     "/v1/models",
@@ -67,37 +73,77 @@ class SteadyLoad:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    home, out = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("demo") / "demo"
-    port = cluster.free_port()
+def home(tmp_path_factory):
+    """The user's ODYSSEY_HOME and environment (the session cluster's addresses left out)."""
+    home = tmp_path_factory.mktemp("home")
     env = {**os.environ, "ODYSSEY_HOME": str(home)}
     for name in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # the session cluster's
         env.pop(name, None)
+    return SimpleNamespace(path=home, env=env)
 
-    def odyssey(*args: str, timeout: float = 600) -> dict:
-        done = subprocess.run(
-            [BIN / "odyssey", *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
+
+def odyssey(env: dict, *args: str, timeout: float = 600, ok: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([BIN / "odyssey", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+    return done
 
+
+def last_json(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def other_app(home, exported_models):
+    """An `odyssey serve` app of this checkout, up before the demo starts (its own local cluster)."""
+    port = cluster.free_port()
+    started = odyssey(home.env, "serve", "--model", str(exported_models[0]), "--port", str(port), ok=False)
+    state = cluster.state_file("serve", home.path)
+    head = cluster.LocalHead.load(state)
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        yield SimpleNamespace(url=last_json(started)["url"], head=head, state=state, record=state.read_text())
+    finally:
+        stopped = odyssey(home.env, "serve", "stop", ok=False)
+        if head is not None:
+            cluster.stop_head(head)  # whatever `serve stop` left (nothing, when it worked)
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        assert head is None or not cluster.session_processes(head.pid), "the app's processes outlived stop"
+
+
+@pytest.fixture(scope="module")
+def demo(home, other_app, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    port = cluster.free_port()
     settings = [f"out={out}", "steps=40", "eval_limit=8", f"port={port}"]
-    run = subprocess.run(
-        [BIN / "odyssey", "demo", "--keep-serving", *[a for s in settings for a in ("--set", s)]],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    run = odyssey(
+        home.env,
+        "demo",
+        "--keep-serving",
+        *[a for s in settings for a in ("--set", s)],
+        timeout=900,
+        ok=False,
+    )
+    state = cluster.state_file("demo", home.path)
+    head = cluster.LocalHead.load(state)
     try:
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        summary = last_json(run)
         url = f"http://127.0.0.1:{port}"
-        yield SimpleNamespace(run=run, summary=summary, out=out, url=url, port=port, env=env, odyssey=odyssey)
+        yield SimpleNamespace(
+            run=run, summary=summary, out=out, url=url, port=port, env=home.env, head=head,
+            odyssey=lambda *args: last_json(odyssey(home.env, *args)),
+        )  # fmt: skip
     finally:  # whatever the tests left up (the last one stops it itself)
-        subprocess.run([BIN / "odyssey", "serve", "stop"], env=env, capture_output=True, timeout=120)
-        assert not (home / launch.state_file().name).exists()
+        odyssey(home.env, "demo", "stop", ok=False)
+        if head is not None:
+            cluster.stop_head(head)
+        assert not state.exists()
 
 
 def serving_id(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["root"]
+    # A rollout starts every replica anew on 2 shared cores: the proxy may take a while to answer.
+    return httpx.get(f"{url}/v1/models", timeout=120).json()["data"][0]["root"]
 
 
 @pytest.mark.slow
@@ -111,7 +157,7 @@ def test_the_demo_trains_evaluates_serves_and_answers_every_endpoint(demo):
     assert (
         stdout.count("  answer:  {") == len(ENDPOINTS)
         and "curl -s" in stdout
-        and "odyssey serve stop" in stdout
+        and "odyssey demo stop" in stdout
     )
     answers = {
         c["request"]: c["answer"] for c in json.loads((demo.out / "summary.json").read_text())["answers"]
@@ -137,15 +183,91 @@ def test_the_demo_trains_evaluates_serves_and_answers_every_endpoint(demo):
     assert 1 < s["metrics"]["lm.perplexity"] < 2000  # trained: far below an untrained model's ~vocab size
     assert "eta" in demo.run.stderr  # progress lines
     assert httpx.get(f"{demo.url}/healthz", timeout=30).status_code == 200  # --keep-serving: still up
+    assert s["serving"] and s["stop"] == "odyssey demo stop"
+    assert s["serve_again"].startswith("odyssey serve --model")
+    assert_quiet(demo.run.stdout + demo.run.stderr)
+
+
+ERROR_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d E "  # ours (odyssey's logging format)
+    r"|\[\d{4}-\d\d-\d\d [\d:,]+ E \d+"  # Ray's C++ processes
+    r"|\bERROR\b|Traceback \(most recent call last\)"  # Python's logging in Ray's format, tracebacks
+)
+
+
+def assert_quiet(log: str) -> None:
+    """A successful run's log: no Python dict dumps, no error-level line, no line twice."""
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert not [line for line in lines if "TrainingReport(" in line or "metrics={" in line]
+    errors = [i for i, line in enumerate(lines) if ERROR_LINE.search(line)]
+    assert not errors, "\n".join(lines[errors[0] : errors[0] + 40]) if errors else ""
+    twice = [line for line, n in collections.Counter(lines).items() if n > 1]
+    assert not twice, twice
 
 
 @pytest.mark.slow
-def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_load(demo, tmp_path):
+def test_the_demo_runs_on_a_cluster_of_its_own_and_leaves_another_app_answering(demo, other_app):
+    # The other app's cluster is untouched: its record, its head, its app, its answers.
+    assert other_app.state.read_text() == other_app.record and other_app.head.alive()
+    assert httpx.get(f"{other_app.url}/healthz", timeout=30).status_code == 200
+    assert "Connecting to existing Ray cluster" not in demo.run.stderr
+    # The demo trained and served on a head it started: another dashboard, another session.
+    assert demo.head is not None and demo.head.pid != other_app.head.pid
+    assert demo.summary["dashboard"] == demo.head.dashboard_url != other_app.head.dashboard_url
+    start = json.loads((Path(demo.summary["run_dir"]) / "events.jsonl").read_text().splitlines()[0])
+    token = {"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
+    nodes = httpx.get(f"{other_app.head.dashboard_url}/api/v0/nodes", headers=token, timeout=30).json()
+    other_nodes = {n["node_id"] for n in nodes["data"]["result"]["result"]}
+    assert len(start["nodes"]) == 2 and other_nodes and not other_nodes & set(start["nodes"])
+
+
+def test_another_checkout_neither_sees_nor_stops_these_clusters(demo, other_app, home, tmp_path):
+    """A second clone of the project (its sources, run with its own `python -m odyssey`) on the same
+    machine, same user: `odyssey serve stop` there finds nothing of its own to stop and says where the
+    other checkout's cluster is; both apps here keep answering."""
+    clone = tmp_path / "clone"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+
+    def there(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "odyssey", *args]
+        return subprocess.run(command, cwd=clone, env=home.env, capture_output=True, text=True, timeout=120)
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import odyssey; print(odyssey.__file__)"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.startswith(str(clone)), probe.stdout  # the clone's own code runs there
+    stop = there("serve", "stop")
+    assert stop.returncode == 2 and "started none in this checkout" in stop.stderr
+    assert f"{REPO} (dashboard {other_app.head.dashboard_url})" in stop.stderr  # where the other one is
+    assert there("demo", "stop").returncode == 2
+    env = there("cluster", "env", "serve")
+    assert env.returncode == 2 and "no serve cluster of this checkout is up" in env.stderr
+    for url in (other_app.url, demo.url):
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+@pytest.mark.slow
+def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_load(
+    demo, other_app, tmp_path
+):
     run_dir = Path(demo.summary["run_dir"])
     config = tmp_path / "serve.yaml"
     config.write_text(launch.CONFIG.read_text().replace("port: 8000", f"port: {demo.port}"))
     served = serving_id(demo.url)  # the demo's model: the run's best checkpoint (step 40)
     gate = ["--serve-config", str(config), "--metrics", "lm.perplexity", "--limit", "8"]
+    gate += [
+        "--address",
+        demo.summary["dashboard"],
+    ]  # the demo's cluster, not this checkout's `odyssey serve`
 
     # Step 30 is worse than what serves: refused, with the numbers; nothing deployed, config untouched.
     before = config.read_text()
@@ -191,8 +313,11 @@ def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_l
         time.sleep(0.5)
     assert found["model"] == promoted["candidate_id"]
 
-    # `odyssey serve stop` takes the app and the demo's cluster down.
-    down = demo.odyssey("serve", "stop")
-    assert down["cluster_stopped"]
+    # `odyssey demo stop` takes the demo's app and cluster down, and nothing else.
+    other = serving_id(other_app.url)
+    down = demo.odyssey("demo", "stop")
+    assert down["dashboard"] == demo.summary["dashboard"]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{demo.url}/healthz", timeout=5)
+    assert not cluster.session_processes(demo.head.pid), "the demo's processes outlived `odyssey demo stop`"
+    assert serving_id(other_app.url) == other and other_app.head.alive()

@@ -16,6 +16,7 @@ import pytest
 
 from odyssey import cluster
 from serve.app import AppArgs, build_app
+from serve.passages import load_documents, split_documents
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,28 @@ def test_find_returns_passages_with_true_offsets(served, corpus_dir):
     )
     # BM25 is in the fusion: the best hit contains a query word.
     assert any(w in body["passages"][0]["text"].lower() for w in ("gnu", "general", "public", "license"))
+
+
+def test_find_answers_each_passage_text_once(served, corpus_dir):
+    # The corpus's most quoted passage (copyright files quote license paragraphs), or any passage
+    # when nothing repeats: the 100 best hits for it hold no text twice, and list where else it is.
+    max_documents = AppArgs(model_path="-").max_documents  # what the served Finder indexes
+    documents = load_documents(corpus_dir / "documents", max_documents)
+    passages = split_documents(documents)
+    quoted = max(passages, key=lambda p: len(p.also_in))
+    r = post(served, "/v1/find", {"query": quoted.text, "k": 100})
+    assert r.status_code == 200, r.text
+    hits = r.json()["passages"]
+    texts = [" ".join(h["text"].split()) for h in hits]
+    assert len(hits) == min(100, len(passages)) and len(set(texts)) == len(texts)
+    text = {d.doc_id: d.text for d in documents}
+    for hit in hits:
+        assert len(hit["also_in"]) <= 10
+        for place in hit["also_in"]:
+            assert text[place["doc_id"]][place["start"] : place["end"]].split() == hit["text"].split()
+    found = {h["text"]: h for h in hits}
+    assert quoted.text in found
+    assert [p["doc_id"] for p in found[quoted.text]["also_in"]] == [p.doc_id for p in quoted.also_in[:10]]
 
 
 def test_code_says_whether_it_parses(served):
@@ -201,7 +224,7 @@ def test_stop_string_ends_the_completion(served):
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [
-        ("/v1/summarize", b"{not json", 422, None),
+        ("/v1/summarize", b"{not json", 422, "body"),
         ("/v1/summarize", {"text": 5}, 422, "text"),
         ("/v1/summarize", {}, 422, "text"),
         ("/v1/summarize", {"text": "x", "max_token": 5}, 422, "max_token"),
@@ -231,6 +254,43 @@ def test_bad_input_gets_its_status(served, path, body, status, param):
     assert error["request_id"] == r.headers["x-request-id"]
     if param:
         assert error["param"] == param
+
+
+def test_broken_json_is_located_in_words(served):
+    body = b'{"text": "a"\n "max_tokens": 5}'  # no comma between the fields
+    r = served.post("/v1/summarize", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (
+        error["message"] == "body: invalid JSON at line 2, column 2 (character 14): Expecting ',' delimiter"
+    )
+    assert error["param"] == "body" and error["request_id"] == r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "said"),
+    [
+        ({}, "came without a Content-Type"),
+        ({"content-type": "text/plain"}, "came as 'text/plain'"),
+        ({"content-type": "application/x-www-form-urlencoded"}, "came as"),  # what `curl -d` sends
+    ],
+)
+def test_a_body_not_sent_as_json_is_told_the_header(served, headers, said):
+    r = served.post("/v1/summarize", content=b'{"text": "x"}', headers=headers)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert "`Content-Type: application/json`" in error["message"] and said in error["message"], error
+    assert error["type"] == "invalid_request" and error["param"] == "body"
+
+
+def test_a_wrong_method_is_told_the_right_one(served):
+    for method, path, allowed in (("GET", "/v1/summarize", "POST"), ("POST", "/v1/models", "GET")):
+        r = served.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allowed, r.text
+        error = r.json()["error"]
+        assert error["type"] == "method_not_allowed"
+        assert error["message"] == f"{method} is not allowed on {path}; use {allowed}"
+        assert error["request_id"] == r.headers["x-request-id"]
 
 
 def test_oversized_body_is_refused_before_parsing(served):

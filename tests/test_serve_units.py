@@ -1,8 +1,10 @@
 """The serving pieces without Ray: batched generation, text streaming with stop strings, the passage
-index, moderation's label arithmetic, the code check, and config validation."""
+index, moderation's label arithmetic, the code check, the gateway's error messages, and config
+validation."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -16,7 +18,7 @@ from odyssey.errors import OdysseyError
 from odyssey.model import Transformer, pad_vocab, tiny
 from odyssey.tasks import ANSWERS, label_probabilities
 from serve.app import AppArgs
-from serve.gateway import GatewaySettings, load_key_digests
+from serve.gateway import GatewaySettings, invalid_request, is_json, load_key_digests
 from serve.generation import BatchDecoder, GenerationParams, TextStream
 from serve.passages import PassageIndex, load_documents, split_documents
 
@@ -135,6 +137,47 @@ def test_hybrid_search_fuses_words_and_vectors():
     assert index.search("feline pets", k=1, query_vector=vectors[cats], model_id="other@2") == []
 
 
+SHARED = (
+    "Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
+    "and its documentation."
+)
+SHARING = [  # three packages' files quote one license paragraph, one of them wrapped differently
+    Document(
+        "a",
+        "alpha",
+        "The alpha tool sorts long lists of numbers very quickly; the alpha authors wrote it.\n\n" + SHARED,
+    ),
+    Document(
+        "b",
+        "beta",
+        "The beta tool parses configuration files of many kinds; the beta people wrote it.\n\n"
+        + SHARED.replace(" of this", "\n  of this"),
+    ),
+    Document(
+        "c",
+        "gamma",
+        SHARED
+        + "\n\nThe gamma tool draws pictures of cats and dogs and has no other words in common at all.",
+    ),
+]
+
+
+def test_a_passage_that_documents_share_is_indexed_once_with_every_place():
+    passages = split_documents(SHARING)
+    text = {d.doc_id: d.text for d in SHARING}
+    shared = [p for p in passages if p.text.startswith("Permission")]
+    assert len(shared) == 1 and len(passages) == 4  # 3 documents' own passages + the shared one
+    (passage,) = shared
+    assert passage.doc_id == "a" and text["a"][passage.start : passage.end] == passage.text
+    assert [place.doc_id for place in passage.also_in] == ["b", "c"]
+    for place in passage.also_in:  # true offsets: the same words, whatever the line breaks
+        assert text[place.doc_id][place.start : place.end].split() == passage.text.split()
+    index = PassageIndex(passages)
+    hits = index.search("permission granted for the alpha beta gamma tool", k=10)
+    assert len(hits) == 4 and len({h.passage.text for h in hits}) == len(hits)
+    assert next(h for h in hits if h.passage is passage).passage.also_in == passage.also_in
+
+
 def test_documents_from_parquet_and_errors(tmp_path, corpus_dir):
     docs = load_documents(corpus_dir / "documents", max_documents=3)
     assert len(docs) == 3 and all(d.text for d in docs)
@@ -175,6 +218,53 @@ def test_syntax_error():
     assert "SyntaxError" in completion_error(signature, "    return (a")
     assert completion_error("add two numbers", "    x = 1\n    print(x)") is None
     assert completion_error("add two numbers", "    x = (") is not None
+
+
+# --- error messages -----------------------------------------------------------------------------------------
+
+
+def test_broken_json_is_located_by_line_and_column():
+    document = '{"text": "a",\n "max_tokens": 5 "stop": 1}'
+    with pytest.raises(json.JSONDecodeError) as decode:
+        json.loads(document)
+    e = decode.value
+    error = {
+        "type": "json_invalid",
+        "loc": ("body", e.pos),
+        "msg": "JSON decode error",
+        "ctx": {"error": e.msg},
+    }
+    message, param = invalid_request([error], document, "application/json")
+    assert message == f"body: invalid JSON at line 2, column 18 (character {e.pos}): Expecting ',' delimiter"
+    assert (e.lineno, e.colno) == (2, 18) and param == "body"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "said"),
+    [
+        (None, "came without a Content-Type"),
+        ("text/plain", "came as 'text/plain'"),
+        ("application/x-www-form-urlencoded", "came as 'application/x-www-form-urlencoded'"),  # curl -d
+    ],
+)
+def test_a_body_not_sent_as_json_is_told_the_header(content_type, said):
+    raw = b'{"text": "x"}'
+    error = {"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be...", "input": raw}
+    message, param = invalid_request([error], raw, content_type)
+    assert "`Content-Type: application/json`" in message and said in message and param == "body"
+
+
+def test_json_content_types_and_what_else_the_body_can_be():
+    assert is_json("application/json; charset=utf-8") and is_json("application/vnd.api+json")
+    assert not is_json("text/plain") and not is_json(None) and not is_json("application/jsonx")
+    missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+    assert "Content-Type: application/json" in invalid_request([missing], None, "application/json")[0]
+    array = {"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be...", "input": []}
+    assert invalid_request([array], "[]", "application/json")[0].endswith(
+        "a JSON object of the request's fields, not an array"
+    )
+    field = {"type": "missing", "loc": ("body", "text"), "msg": "Field required", "input": {}}
+    assert invalid_request([field], "{}", "application/json") == ("text: Field required", "text")
 
 
 # --- configuration -----------------------------------------------------------------------------------------

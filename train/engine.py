@@ -8,7 +8,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from odyssey import optim
+from odyssey import logs, optim
 from odyssey.model import ModelConfig, Transformer
 from train.config import TrainConfig
 
@@ -86,9 +86,12 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, world: int, universal
     optimizer = optim.adamw(
         model, cfg.optim.lr, cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2)
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=deepspeed_config(cfg, torch.cuda.is_available(), world, universal),
-    )
+    # DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" when it
+    # sets up its communication on CPU (deepspeed/comm/torch.py, build_shm_op), cached build or not.
+    with logs.muted("deepspeed.comm.torch"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(cfg, torch.cuda.is_available(), world, universal),
+        )
     return engine, model, flops_per_token

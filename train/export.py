@@ -9,6 +9,7 @@ result loads into the core Transformer with every key matched, and DeepSpeed is 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from odyssey import artifact
+from odyssey import artifact, logs
 from odyssey.config import from_dict
 from odyssey.errors import OdysseyError
 from odyssey.model import ModelConfig, Transformer
@@ -31,10 +32,15 @@ def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict[str, 
         # Our own checkpoint, written by our own run: DeepSpeed stores the module with torch.save.
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with logs.cpu_accelerator():  # consolidation runs on the CPU, with or without a GPU here
+        from deepspeed.utils import zero_to_fp32
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=checkpoint.TAG)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # DeepSpeed sets its level when imported
+    # zero_to_fp32 tells each stage with print ("Processing zero checkpoint ...", "Parsing checkpoint
+    # created by ...", "Detected checkpoint of type ...", "Reconstructed fp32 state dict ...") and a tqdm
+    # bar per checkpoint shard: routine for a checkpoint our own run wrote. Its errors are exceptions.
+    with logs.muted(zero_to_fp32.__name__):
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=checkpoint.TAG)
 
 
 def export(
@@ -80,8 +86,23 @@ def exported_model(source: str | Path, onnx: bool = False) -> Iterator[Path]:
     if is_exported(source):
         yield Path(source)
         return
+    require_model_source(source)
     with tempfile.TemporaryDirectory(prefix="odyssey-export-") as tmp:
         yield export(source, Path(tmp) / Path(source).resolve().name, best=True, onnx=onnx)
+
+
+def require_model_source(source: str | Path) -> None:
+    """A clear error for a path that is neither an exported model nor a run or checkpoint: a typo gets
+    "no such path" and the closest name beside it."""
+    path = Path(source)
+    what = "an exported model directory (`odyssey export`), a run directory or one of its checkpoint_* directories"
+    if not path.exists():
+        siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, siblings, n=1)
+        hint = f" (did you mean {path.parent / close[0]}?)" if close else ""
+        raise OdysseyError(f"{source}: no such path{hint}; give {what}")
+    if not (path / checkpoint.META).is_file() and not checkpoint.published(path):
+        raise OdysseyError(f"{source} holds no model: give {what}")
 
 
 def training_corpus(source: str | Path) -> Path:

@@ -25,7 +25,7 @@ from odyssey.config import load_config, to_dict
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import pad_vocab
 from train import data as train_data
-from train.config import TrainConfig, recipe_path
+from train.config import CONFIG_DIR, TrainConfig, recipe_path
 
 log = logging.getLogger("train")
 
@@ -188,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     args = entrypoint.parser(
         "python -m train",
         "Pretrain the multitask model: Ray Train + DeepSpeed.",
+        "recipe",
+        CONFIG_DIR,
         "tiny-cpu",
-        "a recipe name (train/configs/) or a YAML path",
     ).parse_args(argv)
+    recipe = entrypoint.config_name(args)
     return entrypoint.run(
-        "train", lambda: run(load_config(TrainConfig, recipe_path(args.config), args.overrides), args.address)
+        "train", lambda: run(load_config(TrainConfig, recipe_path(recipe), args.overrides), args.address)
     )

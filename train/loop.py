@@ -17,7 +17,6 @@ read at every log), so a diverged run stops before it can write a checkpoint.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from odyssey import flops, optim
+from odyssey import flops, logs, optim
 from odyssey.config import from_dict
 from odyssey.model import ModelConfig
 from train import checkpoint, events
@@ -46,14 +45,15 @@ def train_loop_per_worker(config: dict) -> None:
     cuda = torch.cuda.is_available()  # a reserved GPU may have no CUDA behind it (the fake-GPU cluster)
     if not cuda:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logs.quiet()  # the libraries' routine notices (odyssey/logs.py), whatever started this run
 
     # Where to resume: rank 0 picks the newest checkpoint that verifies, every rank follows.
     choice = [events.resume_point(run_dir, config["launch_id"], world) if rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     ckpt_dir, meta, event = choice[0]
     universal = meta is not None and checkpoint.needs_resharding(meta, world, cfg.deepspeed.zero_stage)
-    engine, model, flops_per_token = build_engine(cfg, model_cfg, world, universal)
+    with logs.cpu_accelerator(expect_gpu=cfg.scaling.use_gpu):
+        engine, model, flops_per_token = build_engine(cfg, model_cfg, world, universal)
     device = engine.device
     step, tokens, data_state = 0, 0, None
     if meta is not None:

@@ -7,6 +7,7 @@ with `--set`); the search space is checked against it in tune/space.py before an
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,6 +105,21 @@ class SweepConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    @staticmethod
+    def unknown_field_hint(key: str, value: Any) -> str | None:
+        """A training setting given at the sweep's top level (`--set optim.lr=...`): it goes under
+        `train.`; the hint names the closest field of the training config."""
+        from odyssey.config import flatten_keys, to_dict
+        from train.config import TrainConfig
+
+        known = list(flatten_keys(to_dict(TrainConfig())))
+        given = [f"{key}.{k}" for k in flatten_keys(value)] if isinstance(value, dict) else [key]
+        close = difflib.get_close_matches(given[0], known, n=1, cutoff=0.6)
+        if not close and not any(k == key or k.startswith(f"{key}.") for k in known):
+            return None
+        example = close[0] if close else given[0]
+        return f"; training settings go under train.: did you mean 'train.{example}'? (--set train.{example}=...)"
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

@@ -32,7 +32,7 @@ from odyssey.model import ModelConfig
 from train import data as train_data
 from train.config import TrainConfig, recipe_path
 from tune import results, space
-from tune.config import SweepConfig, sweep_path
+from tune.config import CONFIG_DIR, SweepConfig, sweep_path
 
 log = logging.getLogger("tune")
 WIDTH_FIELDS = (
@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = entrypoint.parser(
         "python -m tune",
         "Sweep training hyperparameters with Ray Tune (ASHA, Optuna, µP transfer).",
+        "sweep",
+        CONFIG_DIR,
         "tiny-lr",
-        "a sweep name (tune/configs/) or a YAML path",
     )
     parser.add_argument(
         "--transfer",
@@ -272,9 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         help="µP: sweep a narrow proxy, write a recipe for the recipe's width",
     )
     args = parser.parse_args(argv)
+    sweep = entrypoint.config_name(args)
     return entrypoint.run(
         "tune",
-        lambda: run(
-            load_config(SweepConfig, sweep_path(args.config), args.overrides), args.transfer, args.address
-        ),
+        lambda: run(load_config(SweepConfig, sweep_path(sweep), args.overrides), args.transfer, args.address),
     )

@@ -171,7 +171,7 @@ def app(tmp_path_factory, long_model) -> App:
         [sys.executable, "-m", "odyssey", *serve, *[a for s in settings() for a in ("--set", s)]],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    head = cluster.LocalHead.load(home / "serve-cluster.json")
+    head = cluster.LocalHead.load(cluster.state_file("serve", home))
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         info = json.loads(started.stdout.strip().splitlines()[-1])
