@@ -28,19 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from odyssey import logs
+from odyssey import entrypoint, logs
 from odyssey.errors import OdysseyError
-
-
-def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field",
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing corpus (only once the new one is complete)",
     )
-    _add_set(build)
+    entrypoint.add_set(build, "--set max_docs.legal=20")
     pack = data_sub.add_parser("pack", help="tokenize and pack a corpus into fixed-length blocks")
     pack.add_argument("--corpus", required=True, type=Path)
     pack.add_argument("--tokenizer", type=Path, help="default: CORPUS/tokenizer.json")
@@ -96,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave its cluster and app up (`odyssey demo stop` ends them)",
     )
-    _add_set(demo)
+    entrypoint.add_set(demo, "--set steps=1000 --set port=8001")
 
     evaluate = sub.add_parser("eval", help="score a model on every task's held-out split (Ray tasks)")
     evaluate.add_argument("model", type=Path, help="an exported model, a checkpoint_* directory or a run")
@@ -165,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--address", help="a cluster's dashboard URL (default: RAY_DASHBOARD_ADDRESS, else a local cluster)"
     )
-    _add_set(serve)
+    entrypoint.add_set(serve, "--set gateway.auth=true")
 
     clusters = sub.add_parser(
         "cluster", help="check cluster files; a local autoscaling cluster of fake GPU nodes"

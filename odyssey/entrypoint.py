@@ -28,18 +28,23 @@ def parser(prog: str, description: str, kind: str, config_dir: Path, default: st
         metavar="NAME|PATH",
         help=f"a {kind} by name (listed below) or a YAML file (default: {default})",
     )
+    add_set(p, "--set steps=200 --set optim.lr=3e-3")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
+    p.set_defaults(kind=kind, default_config=default)
+    return p
+
+
+def add_set(p: argparse.ArgumentParser, example: str) -> None:
+    """--set KEY=VALUE, repeatable: what every command that reads a config takes."""
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a field of the config, dotted (e.g. --set steps=200 --set optim.lr=3e-3); repeatable. "
+        help=f"override a field of the config, dotted (e.g. {example}); repeatable. "
         "An unknown field is an error naming the closest one",
     )
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
-    p.set_defaults(kind=kind, default_config=default)
-    return p
 
 
 def config_name(args: argparse.Namespace) -> str:
