@@ -66,7 +66,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, runtime_env=logs.runtime_env(), logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING)
         return
     # The dashboard too, on loopback: it shows the run, and Ray Train's placement-group cleaner asks its
     # state API whether the run's controller is alive. Every process of the cluster inherits this
@@ -81,7 +81,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         dashboard_host="127.0.0.1",
         dashboard_port=port,
         _node_ip_address="127.0.0.1",
-        runtime_env=logs.runtime_env(),  # every worker process of the job quiets the libraries first
         logging_level=logging.WARNING,  # "Started a local Ray instance": the line below says more
     )
     if context.dashboard_url:

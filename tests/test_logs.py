@@ -3,7 +3,6 @@ and errors and everybody else's lines stay (the whole demo's log: test_pipeline.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -40,14 +39,6 @@ def test_muted_drops_only_the_named_modules_prints(capsys):
     finally:
         del sys.modules["chatty"]
     assert capsys.readouterr().out.splitlines() == ["ours", "DeepSpeed op built successfully"]
-
-
-def test_every_worker_of_a_job_quiets_itself_unless_the_job_brings_its_own_hook(monkeypatch):
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert logs.runtime_env() == {"worker_process_setup_hook": "odyssey.logs.quiet_worker"}
-    job = {"runtime_env": {"working_dir": "gcs://x.zip", "worker_process_setup_hook": "mine.setup"}}
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
-    assert logs.runtime_env() == {}  # two hooks would fail ray.init: the job's wins
 
 
 def test_the_driver_drops_rays_preemption_watcher_line_and_keeps_the_users_pattern(monkeypatch):

@@ -12,7 +12,6 @@ import time
 import httpx
 
 CAPACITY = 2 * 8 + 8
-TIMEOUT_S = 5  # the gateway's, in this app (conftest.py)
 BURST = 5 * CAPACITY
 BURSTS = 2
 
@@ -63,11 +62,13 @@ def test_a_burst_is_refused_quickly_with_retry_after_and_service_recovers(app):
     assert len(ok) >= CAPACITY and len(refused) >= BURSTS * (BURST - 2 * CAPACITY), (len(ok), len(refused))
     for _, headers, body in refused:
         assert int(headers["retry-after"]) >= 1 and body["error"]["type"] == "overloaded"
-    # Refused without waiting for room: sooner than the requests that were served, and every one well
-    # before the timeout. (On 2 cores a refusal still waits its turn on the gateway's event loop
-    # behind the burst's other 119 requests: that, not a queue, is its latency.)
-    waits = sorted(t for t, *_ in refused)
-    assert statistics.median(waits) < statistics.median(ok) and waits[-1] < TIMEOUT_S, (waits, sorted(ok))
+    # Refused without waiting for room: typically sooner than a served request, and the slowest refusal
+    # sooner than the slowest served one (a request that waited for room would end after it). Ratios in
+    # one run, not seconds: on 2 cores a refusal still waits its turn on the gateway's event loop behind
+    # the burst's other 119 requests (that, not a queue, is its latency), and that turn is as slow as
+    # the machine.
+    waits, ok = sorted(t for t, *_ in refused), sorted(ok)
+    assert statistics.median(waits) < statistics.median(ok) and waits[-1] < ok[-1], (waits, ok)
     # Bounded queues: memory does not follow the load. Two more bursts of 120 requests after the
     # warm-up: the proxy grows by less than 5% (a queue of every request would keep each one).
     assert max(rss) - rss[0] < 0.05 * rss[0], [r // 2**20 for r in rss]
@@ -88,6 +89,6 @@ def test_a_request_stuck_past_the_timeout_gets_504_and_the_replica_serves_on(app
         waited = time.perf_counter() - start
         assert r.status_code == 504, r.text
         assert r.json()["error"]["type"] == "timeout" and "verdict" not in r.json()
-        assert waited < 7  # answered at the timeout, not when the stall ended
+        assert waited < 7  # answered at the timeout (5 s, conftest.py), not when the stall ended
         time.sleep(7 - waited)
         assert http.post("/v1/moderate", json={"text": "and now?"}).status_code == 200
