@@ -34,6 +34,8 @@ from odyssey.errors import OdysseyError
 # "0": Ray's single-machine mode (its default on macOS): node addresses stay on loopback.
 SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+log = logging.getLogger(__name__)
+
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS, as inside `ray job submit`); else start an embedded cluster.
@@ -151,9 +153,17 @@ def elsewhere_hint(role: str) -> str:
 
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports on loopback that nothing listens on right now (all held while choosing:
+    a port closed and asked for again can come back)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,14 +244,41 @@ def keep_ray_helpers_here() -> None:
 def start_head(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
-    wait_s: float = 120,
+    wait_s: float = 180,
     autoscaling: dict | None = None,
 ) -> LocalHead:
     """Start a head node on loopback with token auth, the dashboard, and ports of its own (so that it
     can run beside any other cluster on the machine). It runs in a session of its own: it outlives
     this process until stop_head. `autoscaling`: a `ray up`-style config for the head's autoscaler (the
-    fake_multinode provider adds and removes worker nodes on this machine)."""
+    fake_multinode provider adds and removes worker nodes on this machine).
+
+    A head that exits while starting (a port taken between choosing it and binding it) is started once
+    more on other ports; one that fails again, or is not up within `wait_s`, is an error that quotes
+    its log."""
     ensure_token()
+    for attempt in (1, 2):
+        head, proc = _launch_head(num_cpus, num_gpus, autoscaling)
+        deadline = time.monotonic() + wait_s
+        ready = _autoscaler_reports if autoscaling is not None else _answers
+        while not ready(head.dashboard_url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        else:
+            return head
+        exited, kept = proc.poll() is not None, _keep_log(head)
+        stop_head(head)
+        if not exited or attempt == 2:  # still starting at the deadline, or failed twice
+            why = "exited" if exited else f"was not up after {wait_s:.0f} s"
+            raise OdysseyError(f"the Ray head node {why}; its log ({kept}) ends:\n{_tail(kept)}")
+        log.warning("the Ray head node exited while starting; starting it again on other ports")
+    raise AssertionError("unreachable")
+
+
+def _launch_head(
+    num_cpus: int | None, num_gpus: int | None, autoscaling: dict | None
+) -> tuple[LocalHead, subprocess.Popen]:
+    """`ray start --head --block` on loopback with fresh ports and a temp dir of its own."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)  # an embedded cluster's (or a shell's), when this process has one
@@ -249,7 +286,7 @@ def start_head(
     # then listen on every interface. Ray's single-machine mode (what it does on macOS) keeps the node's
     # address, and every server, on loopback: for this head and for any node its autoscaler starts here.
     env[SINGLE_MACHINE] = "0"
-    port, dashboard, agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(7))
+    port, dashboard, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
     # Every process of the cluster inherits this: Ray's state API (Ray Train's placement-group cleaner
     # asks it whether a run's controller lives) then asks this head's dashboard. Left to itself it looks
     # for the Ray instances on the machine and gives up when it finds several (this head beside another
@@ -268,35 +305,52 @@ def start_head(
     if num_gpus is not None:
         command.append(f"--num-gpus={num_gpus}")
     if autoscaling is not None:
-        autoscaling = copy.deepcopy(autoscaling)
-        if autoscaling["provider"]["type"] == "fake_multinode":
-            from odyssey import fake_nodes
-
-            env["RAY_FAKE_CLUSTER"] = "1"
-            env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "2")  # a laptop's nodes start in seconds
-            # Its nodes join the head's GCS here (the provider assumes port 6379 otherwise), each with a
-            # runtime-env directory of its own (odyssey/fake_nodes.py says why).
-            autoscaling["provider"].update(
-                type="external", module=fake_nodes.MODULE, gcs_address=f"127.0.0.1:{port}"
-            )
-        path = Path(temp_dir) / "autoscaling.yaml"
-        path.write_text(yaml.safe_dump(autoscaling, sort_keys=False), encoding="utf-8")
-        command.append(f"--autoscaling-config={path}")
-    with open(Path(temp_dir) / "head.log", "wb") as log:
+        command.append(f"--autoscaling-config={_autoscaling_file(autoscaling, env, port, temp_dir)}")
+    with open(Path(temp_dir) / "head.log", "wb") as out:
         proc = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     head = LocalHead(
         proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir, str(checkout())
     )
-    deadline = time.monotonic() + wait_s
-    ready = _autoscaler_reports if autoscaling is not None else _answers
-    while not ready(head.dashboard_url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_head(head)
-            raise OdysseyError(f"the Ray head node did not start; its log: {temp_dir}/head.log")
-        time.sleep(0.5)
-    return head
+    return head, proc
+
+
+def _autoscaling_file(autoscaling: dict, env: dict, port: int, temp_dir: str) -> Path:
+    """The head's autoscaler config, written into its temp dir (the fake_multinode provider swapped for
+    ours, and `env` set for it)."""
+    autoscaling = copy.deepcopy(autoscaling)
+    if autoscaling["provider"]["type"] == "fake_multinode":
+        from odyssey import fake_nodes
+
+        env["RAY_FAKE_CLUSTER"] = "1"
+        env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "2")  # a laptop's nodes start in seconds
+        # Its nodes join the head's GCS here (the provider assumes port 6379 otherwise), each with a
+        # runtime-env directory of its own (odyssey/fake_nodes.py says why).
+        autoscaling["provider"].update(
+            type="external", module=fake_nodes.MODULE, gcs_address=f"127.0.0.1:{port}"
+        )
+    path = Path(temp_dir) / "autoscaling.yaml"
+    path.write_text(yaml.safe_dump(autoscaling, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _keep_log(head: LocalHead) -> Path:
+    """A copy of a failed head's log and Ray's own logs beside it, outside the temp dir stop_head
+    removes."""
+    kept = Path(tempfile.mkdtemp(prefix="ray-head-failed-", dir="/tmp"))
+    with contextlib.suppress(OSError):
+        shutil.copy2(Path(head.temp_dir) / "head.log", kept / "head.log")
+    with contextlib.suppress(OSError):
+        shutil.copytree(Path(head.temp_dir) / "session_latest" / "logs", kept / "logs", symlinks=False)
+    return kept / "head.log"
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def stop_head(head: LocalHead, timeout: float = 10) -> None:

@@ -5,10 +5,12 @@ stand-in processes, the dashboard a stand-in client (the real ones: test_pipelin
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -134,3 +136,33 @@ def test_the_demo_serves_beside_an_app_that_holds_its_port():
         assert chosen != port and demo.port_free(chosen)
         with pytest.raises(ConfigError, match=rf"port={port} is in use on 127.0.0.1; pick another"):
             demo.serving_port(port)
+
+
+def test_a_head_that_exits_while_starting_is_started_again_then_its_log_is_quoted(monkeypatch, tmp_path):
+    """`ray start` that dies at once (a port taken between choosing and binding): one more try on
+    other ports, then an error quoting the log, kept after the head's temp dir is gone."""
+    launches = []
+
+    def dies_at_once(num_cpus, num_gpus, autoscaling):
+        temp_dir = tmp_path / f"ray-{len(launches)}"
+        temp_dir.mkdir()
+        (temp_dir / "head.log").write_text(f"try {len(launches)}\nFailed to bind: port 6390 in use\n")
+        proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        proc.wait()
+        launches.append(temp_dir)
+        return cluster.LocalHead(proc.pid, "127.0.0.1:6390", "http://127.0.0.1:1", str(temp_dir)), proc
+
+    monkeypatch.setattr(cluster, "_launch_head", dies_at_once)
+    monkeypatch.setattr(cluster, "ensure_token", lambda: None)
+    with pytest.raises(OdysseyError, match=r"the Ray head node exited; its log \(\S+\) ends:") as e:
+        cluster.start_head(num_cpus=1, wait_s=30)
+    assert len(launches) == 2 and not any(d.exists() for d in launches)
+    assert "try 1\nFailed to bind: port 6390 in use" in str(e.value)
+    kept = Path(str(e.value).split("its log (")[1].split(")")[0])
+    assert "port 6390 in use" in kept.read_text()
+    shutil.rmtree(kept.parent)
+
+
+def test_free_ports_are_distinct():
+    ports = cluster.free_ports(50)
+    assert len(set(ports)) == 50
