@@ -24,6 +24,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # Every benchmark that runs on a CPU machine (~130 minutes on 2 cores), then the README's results table
 # from their JSON. Some: make bench BENCHES="onnx data". (bench/gpu_train.sh needs a GPU machine.)

@@ -31,7 +31,7 @@ sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolv
 import torch  # noqa: E402 - after the path fix above
 
 from bench import report  # noqa: E402
-from odyssey import artifact, ort_model  # noqa: E402
+from odyssey import artifact  # noqa: E402
 from odyssey.model import ModelConfig, Transformer  # noqa: E402
 
 TARGET = 1.5
@@ -156,8 +156,8 @@ def main() -> None:
             path8 = artifact.save_model(
                 Path(tmp) / f"{preset}-int8", model, None, onnx=True, onnx_quantize="int8"
             )
-            onnx, _, _ = ort_model.load(path, threads=args.threads)
-            int8, _, _ = ort_model.load(path8, threads=args.threads)
+            onnx, _, _ = artifact.load(path, "onnxruntime", threads=args.threads)
+            int8, _, _ = artifact.load(path8, "onnxruntime", threads=args.threads)
             print(f"{preset}: {model.num_params() / 1e6:.1f} M parameters; ONNX export {export_s:.1f} s")
             models = {"torch": model, "onnxruntime": onnx, "onnxruntime-int8": int8}
             figures["presets"][preset] = measure(models, args.rounds)

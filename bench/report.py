@@ -1,4 +1,5 @@
-"""What every benchmark writes: bench/results/NAME.json (figures, targets, machine) and NAME.md."""
+"""What every benchmark writes: bench/results/NAME.json (figures, targets, machine, the commit it ran
+on) and NAME.md."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 def machine() -> dict:
@@ -41,6 +44,24 @@ def machine() -> dict:
     }
 
 
+def commit() -> dict:
+    """The commit of the code that ran, and whether tracked files differed from it (a dirty run is
+    not the commit's figure)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        except OSError:  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    changed = git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!README.md"
+    )
+    return {"sha": sha, "dirty": bool(changed) if sha else None}
+
+
 def write(
     name: str, figures: dict, targets: dict, table: list[tuple[str, str, str]], notes: str = ""
 ) -> Path:
@@ -50,6 +71,7 @@ def write(
         "bench": name,
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
+        "commit": commit(),
         "figures": figures,
         "targets": targets,
     }
@@ -58,7 +80,8 @@ def write(
     lines = [
         f"# bench/{name}.py — {record['date']}",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}. "
+        f"Commit: {record['commit']['sha'] or 'unknown'}{' (with local changes)' if record['commit']['dirty'] else ''}.",
         "",
         "| what | measured | target |",
         "|---|---|---|",

@@ -94,7 +94,16 @@ class Soak:
             "model.max_replicas=2",
             "model.num_cpus=0.5",
         ]
-        command = [sys.executable, "-m", "odyssey", "serve", "--model", str(self.model), "--port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "workflows",
+            "serve",
+            "--model",
+            str(self.model),
+            "--port",
+            str(port),
+        ]
         done = subprocess.run(
             command + [a for o in overrides for a in ("--set", o)],
             env=self.env, capture_output=True, text=True, timeout=600,
@@ -107,7 +116,10 @@ class Soak:
 
     def stop_app(self) -> None:
         subprocess.run(
-            [sys.executable, "-m", "odyssey", "serve", "stop"], env=self.env, capture_output=True, timeout=300
+            [sys.executable, "-m", "workflows", "serve", "stop"],
+            env=self.env,
+            capture_output=True,
+            timeout=300,
         )
         cluster.stop_head(self.head)
 

@@ -34,7 +34,7 @@ MICRO_BATCH, SEQ_LEN = 4, 512
 
 
 def _resolved_config(corpus: str):
-    from odyssey.config import load_config
+    from odyssey.config import load_config, to_dict
     from train import launch
     from train.config import TrainConfig, recipe_path
 
@@ -50,7 +50,8 @@ def _resolved_config(corpus: str):
             f"global_batch_tokens={MICRO_BATCH * SEQ_LEN}",
         ],
     )
-    return launch.resolve(cfg)[:2]
+    cfg = launch.resolve(cfg)[0]
+    return cfg, to_dict(cfg.model)
 
 
 def median_step_rate(layer: str, corpus: str, steps: int, warmup: int) -> float:

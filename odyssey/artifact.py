@@ -25,6 +25,7 @@ from odyssey.tokenizer import Tokenizer
 
 FORMAT = "odyssey-model/1"
 WEIGHTS, CONFIG, TOKENIZER, ONNX = "model.safetensors", "config.json", "tokenizer.json", "model.onnx"
+BACKENDS = ("torch", "onnxruntime")
 
 
 def save_model(
@@ -104,12 +105,27 @@ def read_tokenizer(path: str | Path, cfg: ModelConfig) -> Tokenizer | None:
     return tokenizer
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+def load(
+    path: str | Path,
+    backend: str = "torch",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    threads: int = 1,
 ) -> tuple[Transformer, Tokenizer | None, dict]:
-    """(model in eval mode, its tokenizer if saved, the config.json contents)."""
+    """The one way to get the model of an exported directory: (model in eval mode, its tokenizer if
+    saved, the config.json contents). `backend`: "torch" (the weights on `device` in `dtype`) or
+    "onnxruntime" (model.onnx in an ONNX Runtime session of `threads` threads; the same interface)."""
     path = Path(path)
+    if backend not in BACKENDS:
+        raise OdysseyError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     cfg, config = read_model_config(path)
+    if backend == "onnxruntime":
+        if not (path / ONNX).is_file():
+            raise OdysseyError(f"{path} has no {ONNX}: export it with `odyssey export ... --format onnx`")
+        from odyssey.ort_model import OrtTransformer  # onnxruntime: imported only by who uses it
+
+        model = OrtTransformer.from_files(cfg, path / ONNX, path / WEIGHTS, threads)
+        return model, read_tokenizer(path, cfg), config
     model = Transformer(cfg)
     state = load_file(str(path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)

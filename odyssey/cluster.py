@@ -433,54 +433,6 @@ def _autoscaler_reports(dashboard: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# `odyssey cluster local-up | local-down`: an autoscaling cluster of fake GPU nodes on this machine
-
-
-def local_up(config_path: Path) -> dict:
-    """Start a head on loopback with token auth whose autoscaler adds and removes the worker nodes of
-    `config_path` (cluster/fake-gpu.yaml: fake GPUs, real Ray nodes) on this machine."""
-    from odyssey import cluster_files
-
-    head = recorded("local")
-    if head is not None:
-        raise OdysseyError(
-            f"a local cluster is already up (dashboard {head.dashboard_url}); stop it with `odyssey cluster local-down`"
-        )
-    ensure_token()  # before Ray is imported (the check below imports it)
-    summary = cluster_files.check(config_path)
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))  # a single mapping: check() said so
-    if summary["kind"] != "ray up (fake_multinode)":
-        raise OdysseyError(
-            f"{config_path}: local-up runs fake_multinode configs (cluster/fake-gpu.yaml); use `ray up` for it"
-        )
-    resources = config["available_node_types"][config["head_node_type"]]["resources"]
-    print("starting a local autoscaling cluster (loopback, token auth)...", file=sys.stderr)
-    head = start_head(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), autoscaling=config)
-    head.save(state_file("local"))
-    return {
-        "dashboard": head.dashboard_url,
-        "address": head.gcs_address,
-        "token": token_source(),
-        "node_types": summary["node_types"],
-        "env": 'eval "$(odyssey cluster env)"',
-        "submit": "ray job submit --working-dir . -- python -m train --config tiny-fake-gpu --set storage=$PWD/runs",
-        "stop": "odyssey cluster local-down",
-    }
-
-
-def local_down() -> dict:
-    head = recorded("local")
-    if head is None:
-        raise OdysseyError(
-            "no local cluster of this checkout to stop: none was started by `odyssey cluster local-up` here"
-            + elsewhere_hint("local")
-        )
-    stop_head(head)
-    state_file("local").unlink(missing_ok=True)
-    return {"stopped": head.dashboard_url}
-
-
-# ---------------------------------------------------------------------------------------------------
 # `odyssey cluster env`: Ray's own CLI (`ray status`, `ray job ...`, `serve ...`) pointed at a local cluster
 
 ROLES = {"local": "odyssey cluster local-up", "serve": "odyssey serve", "demo": "odyssey demo --keep-serving"}

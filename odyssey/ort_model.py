@@ -164,6 +164,17 @@ class OrtTransformer(Transformer):
         if names != INPUTS:
             raise OdysseyError(f"{onnx_path}: inputs {names}, expected {INPUTS}; export it again")
 
+    @classmethod
+    def from_files(cls, cfg, onnx_path: Path, weights_path: Path, threads: int = 1) -> OrtTransformer:
+        """The graph of `onnx_path`, with the embedding and the final norm read from the safetensors
+        file it was traced from (the blocks' weights there are never loaded)."""
+        with safe_open(str(weights_path), framework="pt") as weights:
+            n_params = sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())  # noqa: SIM118
+            model = cls(cfg, onnx_path, threads, n_params)
+            model.tok_emb.weight.data.copy_(weights.get_tensor("tok_emb.weight"))
+            model.norm.weight.data.copy_(weights.get_tensor("norm.weight"))
+        return model.eval()
+
     def num_params(self) -> int:
         return self.n_params if self.n_params is not None else super().num_params()
 
@@ -186,23 +197,3 @@ class OrtTransformer(Transformer):
             cache.k[:, :, :, cache.length : end] = torch.from_numpy(new_k)
             cache.v[:, :, :, cache.length : end] = torch.from_numpy(new_v)
         return torch.from_numpy(hidden)
-
-
-def load(path: str | Path, threads: int = 1):
-    """(OrtTransformer, tokenizer, config.json) of an exported model directory that has model.onnx."""
-    from odyssey import artifact
-
-    path = Path(path)
-    onnx_path = path / artifact.ONNX
-    if not onnx_path.is_file():
-        raise OdysseyError(
-            f"{path} has no {artifact.ONNX}: export it with `odyssey export ... --format onnx`"
-        )
-    cfg, config = artifact.read_model_config(path)
-    with safe_open(str(path / artifact.WEIGHTS), framework="pt") as weights:
-        n_params = sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())  # noqa: SIM118
-        model = OrtTransformer(cfg, onnx_path, threads, n_params)
-        model.tok_emb.weight.data.copy_(weights.get_tensor("tok_emb.weight"))
-        model.norm.weight.data.copy_(weights.get_tensor("norm.weight"))
-    model.eval()
-    return model, artifact.read_tokenizer(path, cfg), config

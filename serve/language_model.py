@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from odyssey import artifact, failpoints, ort_model
+from odyssey import artifact, failpoints
 from odyssey.model import Transformer
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
@@ -83,10 +83,9 @@ class Loaded:
 
 def load(settings: LanguageModelSettings, device: str, name: str | None = None, threads: int = 1) -> Loaded:
     path = Path(settings.model_path)
-    if settings.backend == "onnxruntime":
-        model, tokenizer, config = ort_model.load(path, threads)
-    else:
-        model, tokenizer, config = artifact.load_model(path, device=device, dtype=DTYPES[settings.dtype])
+    model, tokenizer, config = artifact.load(
+        path, settings.backend, device=device, dtype=DTYPES[settings.dtype], threads=threads
+    )
     if tokenizer is None:
         raise ValueError(f"{path} has no {artifact.TOKENIZER}: export the model with `odyssey export`")
     name = name or config.get("name") or path.resolve().name

@@ -25,7 +25,7 @@ import yaml
 
 from odyssey import artifact, cluster
 from odyssey.config import apply_overrides
-from odyssey.errors import OdysseyError
+from odyssey.errors import ConfigError, OdysseyError
 
 CONFIG = Path(__file__).with_name("config.yaml")
 APP = "odyssey"
@@ -38,12 +38,7 @@ def state_file() -> Path:
 
 def serve_config(config_path: Path, model: Path, port: int | None, overrides: list[str]) -> dict:
     """The whole Serve config: the file, with the model path (absolute: replicas run elsewhere) and
-    --set overrides of the app's args; validated by Serve's schema and by AppArgs."""
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
-
-    from serve.app import AppArgs
-
+    --set overrides of the app's args; validated by check_config."""
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
@@ -55,16 +50,32 @@ def serve_config(config_path: Path, model: Path, port: int | None, overrides: li
     artifact.read_config(model)  # a clear error when it is not an exported model
     args = apply_overrides(app.get("args") or {}, overrides)
     args["model_path"] = str(model.resolve())
+    app["args"] = args
+    if port is not None:
+        config.setdefault("http_options", {})["port"] = port
     try:
-        AppArgs(**args)
-        app["args"] = args
-        if port is not None:
-            config.setdefault("http_options", {})["port"] = port
-        return ServeDeploySchema.model_validate(config).model_dump(exclude_unset=True)
+        return check_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"serve config: {e}") from None
+
+
+def check_config(config: dict) -> dict:
+    """A whole Serve config checked as `serve deploy` and the app would: Serve's schema, then each
+    application's args by the app's (serve.app.AppArgs). The validated config, or ConfigError naming
+    the first bad field. (`odyssey serve` and `odyssey cluster check` of a RayService both use it.)"""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs
+
+    try:
+        checked = ServeDeploySchema.model_validate(config)
+        for app in checked.applications:
+            AppArgs(**(app.args or {}))
     except ValidationError as e:
         first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise OdysseyError(f"serve config: {field}: {first['msg']}") from None
+        raise ConfigError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    return checked.model_dump(exclude_unset=True)
 
 
 def find_or_start_cluster(address: str | None, num_cpus: int | None = None) -> tuple[str, bool]:

@@ -13,7 +13,7 @@ import pytest
 
 def odyssey(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "odyssey", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "workflows", *args], capture_output=True, text=True, cwd=cwd, timeout=600
     )
 
 
@@ -123,6 +123,6 @@ def test_stop_commands_stop_only_what_this_checkout_started(tmp_path):
         (["cluster", "env"], "no local cluster of this checkout is up"),
     ]:
         result = subprocess.run(
-            [sys.executable, "-m", "odyssey", *args], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "workflows", *args], env=env, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -19,14 +19,15 @@ import httpx
 import pytest
 import yaml
 
-from odyssey import atomic, cluster, cluster_files
+from odyssey import atomic, cluster
 from train import checkpoint
+from workflows import cluster_files
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def odyssey_cluster(action: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "odyssey", "cluster", action, *args]
+    command = [sys.executable, "-m", "workflows", "cluster", action, *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
 
 

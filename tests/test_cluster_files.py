@@ -14,8 +14,8 @@ import pytest
 import ray
 import yaml
 
-from odyssey import cluster_files
 from odyssey.errors import ConfigError
+from workflows import cluster_files
 
 CLUSTER = cluster_files.CLUSTER_DIR
 RAY_UP = ["aws.yaml", "azure.yaml", "gcp.yaml", "local.yaml", "fake-gpu.yaml"]
@@ -164,7 +164,7 @@ def test_a_broken_manifest_is_refused_with_its_field(tmp_path, name, edit, messa
 
 def test_cluster_check_cli(tmp_path):
     ok = subprocess.run(
-        [sys.executable, "-m", "odyssey", "cluster", "check"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "workflows", "cluster", "check"], capture_output=True, text=True, timeout=120
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
     checked = json.loads(ok.stdout.strip().splitlines()[-1])["checked"]
@@ -172,10 +172,23 @@ def test_cluster_check_cli(tmp_path):
     bad = tmp_path / "aws.yaml"
     bad.write_text((CLUSTER / "aws.yaml").read_text().replace("idle_timeout_minutes: 10\n", ""))
     refused = subprocess.run(
-        [sys.executable, "-m", "odyssey", "cluster", "check", str(bad)],
+        [sys.executable, "-m", "workflows", "cluster", "check", str(bad)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert refused.returncode == 2
     assert "idle_timeout_minutes: set it" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_kuberay_image_holds_every_package_the_project_installs():
+    """The image installs the checkout with `pip install -e .`: each top-level package must be copied
+    in (the `odyssey` command itself lives in workflows/)."""
+    import tomllib
+
+    pyproject = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    packages = pyproject["tool"]["importlinter"]["root_packages"]
+    assert [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]] == packages
+    dockerfile = (CLUSTER / "kuberay" / "Dockerfile").read_text(encoding="utf-8")
+    copied = {line.split()[-1] for line in dockerfile.splitlines() if line.startswith("COPY")}
+    assert set(packages) <= copied, set(packages) - copied

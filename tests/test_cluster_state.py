@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from odyssey import cluster, demo
+from odyssey import cluster
 from odyssey.errors import ConfigError, OdysseyError
 from serve import launch
+from workflows import demo
 
 
 @pytest.fixture

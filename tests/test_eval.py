@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from odyssey import artifact
 from odyssey.data.corpus import CorpusConfig, build_corpus
+from odyssey.evaluation import inference
 from odyssey.evaluation.runner import evaluate
 
 ADD = 'def add(a, b):\n    """Sum of a and b.\n\n    >>> add(2, 3)\n    5\n    """'
@@ -59,9 +62,20 @@ def test_every_task_is_scored_with_bm25_beside_the_model(ray_cluster, held_out, 
     assert [tasks[t]["n"] for t in ("summarize", "moderate", "code", "lm")] == [2, 2, 2, 2]
     # Each query names a word only its own passage holds: BM25 ranks every right passage first.
     assert tasks["find"]["bm25"] == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "mrr": 1.0}
-    assert tasks["find"]["n"] == 3 and tasks["find"]["passages"] == 3 and 1 / 3 <= tasks["find"]["mrr"] <= 1.0
-    # One executable check (add: a plain function whose reference passes); the method has none.
-    assert tasks["code"]["checks"] == 1 and tasks["code"]["pass_rate"] in (0.0, 1.0)
+    assert tasks["find"]["n"] == 3 and tasks["find"]["passages"] == 3
+    # The model's ranking, recomputed here in-process from its embeddings: the report's MRR is that one.
+    model, tok, _ = artifact.load(exported_models[0])
+    find = [(q, p) for task, q, p in ROWS if task == "find"]
+    queries = inference.embed(model, tok, [q for q, _ in find])
+    passages = inference.embed(model, tok, [p for _, p in find])
+    sims = queries @ passages.T
+    ranks = [int((sims[i] >= sims[i, i]).sum()) for i in range(len(find))]  # ties count against
+    assert tasks["find"]["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-6)
+    # One executable check (add: a plain function whose reference passes); the method has none. Its
+    # verdict is the one the model's greedy answer gets here.
+    add = {"task": "code", "input": ADD, "target": "    return a + b", "doc_id": "d7"}
+    verdict = inference.code(model, tok, [add], inference.AnswerSettings())[0]["check"]["passed"]
+    assert tasks["code"]["checks"] == 1 and tasks["code"]["pass_rate"] == float(verdict)
     assert set(tasks["moderate"]["labels"]) == {"safe", "profanity", "personal_data", "spam"}
     assert tasks["moderate"]["labels"]["spam"]["support"] == 1
     assert 1.0 < tasks["lm"]["perplexity"] < 3 * 2048  # an untrained model: about the vocabulary size
@@ -104,10 +118,7 @@ def test_eval_cli_names_a_bad_task_and_a_missing_model(tmp_path, exported_models
 
 
 def test_code_checks_can_be_turned_off(exported_models):
-    from odyssey import artifact
-    from odyssey.evaluation import inference
-
-    model, tok, _ = artifact.load_model(exported_models[0])
+    model, tok, _ = artifact.load(exported_models[0])
     rows = [{"task": "code", "input": ADD, "target": "    return a + b", "doc_id": "d"}]
     on = inference.code(model, tok, rows, inference.AnswerSettings())
     off = inference.code(model, tok, rows, inference.AnswerSettings(run_code_checks=False))

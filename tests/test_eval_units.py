@@ -12,7 +12,7 @@ from odyssey.bm25 import BM25
 from odyssey.code_checks import doctest_check, module_of, run_check
 from odyssey.errors import OdysseyError
 from odyssey.evaluation import metrics
-from serve.promote import _point_config_at, check_metrics, decide
+from workflows.promote import _point_config_at, check_metrics, decide
 
 
 def test_rouge_l_by_longest_common_subsequence():

@@ -163,7 +163,7 @@ def test_loss_mask_selects_positions():
 def test_safetensors_round_trip(tmp_path, tokenizer):
     model = make(replace(CFG, vocab_size=pad_vocab(tokenizer.vocab_size)))
     path = artifact.save_model(tmp_path / "m", model, tokenizer, metadata={"step": 7})
-    loaded, tok, config = artifact.load_model(path)
+    loaded, tok, config = artifact.load(path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert loaded.cfg == model.cfg and config["step"] == 7
@@ -179,9 +179,9 @@ def test_loading_refuses_a_mismatched_checkpoint(tmp_path):
     config["model"]["n_layer"] = 3
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(OdysseyError, match="does not fit its config"):
-        artifact.load_model(path)
+        artifact.load(path)
     with pytest.raises(OdysseyError, match="not an exported model"):
-        artifact.load_model(tmp_path)
+        artifact.load(tmp_path)
 
 
 def test_presets_and_flops():

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from odyssey import artifact, ort_model
+from odyssey import artifact
 from odyssey.errors import OdysseyError
 from odyssey.model import Transformer, tiny
 
@@ -21,7 +21,7 @@ def pair(tmp_path_factory):
     # Grouped-query attention and a short context: the paths most likely to differ after export.
     model = Transformer(replace(tiny(), vocab_size=320, n_kv_head=2, max_seq_len=64)).eval()
     path = artifact.save_model(tmp_path_factory.mktemp("onnx") / "m", model, None, onnx=True)
-    onnx, _, _ = ort_model.load(path)
+    onnx, _, _ = artifact.load(path, "onnxruntime")
     return model, onnx, path
 
 
@@ -60,10 +60,12 @@ def test_missing_or_broken_onnx_is_named(pair, tmp_path):
     with pytest.raises(
         OdysseyError, match=r"no model.onnx: export it with `odyssey export \.\.\. --format onnx`"
     ):
-        ort_model.load(plain)
+        artifact.load(plain, "onnxruntime")
     (plain / artifact.ONNX).write_bytes((path / artifact.ONNX).read_bytes()[:5000])  # truncated
     with pytest.raises(OdysseyError, match="ONNX Runtime cannot load it"):
-        ort_model.load(plain)
+        artifact.load(plain, "onnxruntime")
+    with pytest.raises(OdysseyError, match=r"backend 'onnx': use one of torch, onnxruntime"):
+        artifact.load(path, "onnx")
 
 
 def test_int8_export_is_smaller_and_stays_close(pair, tmp_path):
@@ -71,7 +73,7 @@ def test_int8_export_is_smaller_and_stays_close(pair, tmp_path):
     q = artifact.save_model(tmp_path / "int8", model, None, onnx=True, onnx_quantize="int8")
     assert artifact.read_config(q)["onnx"] == {"quantize": "int8"}
     assert (q / artifact.ONNX).stat().st_size < 0.6 * (path / artifact.ONNX).stat().st_size
-    int8, _, _ = ort_model.load(q)
+    int8, _, _ = artifact.load(q, "onnxruntime")
     ids = torch.randint(0, 320, (2, 24))
     logits, reference = int8(ids), model(ids)
     assert not torch.equal(logits, onnx(ids))  # quantized: not the float graph

@@ -222,7 +222,7 @@ def test_the_demo_runs_on_a_cluster_of_its_own_and_leaves_another_app_answering(
 
 
 def test_another_checkout_neither_sees_nor_stops_these_clusters(demo, other_app, home, tmp_path):
-    """A second clone of the project (its sources, run with its own `python -m odyssey`) on the same
+    """A second clone of the project (its sources, run with its own `python -m workflows`) on the same
     machine, same user: `odyssey serve stop` there finds nothing of its own to stop and says where the
     other checkout's cluster is; both apps here keep answering."""
     clone = tmp_path / "clone"
@@ -235,7 +235,7 @@ def test_another_checkout_neither_sees_nor_stops_these_clusters(demo, other_app,
             shutil.copy2(REPO / name, clone / name)
 
     def there(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "odyssey", *args]
+        command = [sys.executable, "-m", "workflows", *args]
         return subprocess.run(command, cwd=clone, env=home.env, capture_output=True, text=True, timeout=120)
 
     probe = subprocess.run(

@@ -119,8 +119,8 @@ def test_export_consolidates_zero_into_the_core_model(zero_runs, tmp_path):
     storage, _ = zero_runs
     out3 = export(storage / "zero3", tmp_path / "m3")
     out0 = export(storage / "zero0", tmp_path / "m0")
-    model3, tok, meta = artifact.load_model(out3)
-    model0, _, _ = artifact.load_model(out0)
+    model3, tok, meta = artifact.load(out3)
+    model0, _, _ = artifact.load(out0)
     assert meta["step"] == STEPS
     for name, tensor in model0.state_dict().items():  # ZeRO-3's gathered shards = ZeRO-0's whole module
         torch.testing.assert_close(model3.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)

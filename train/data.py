@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,36 @@ MANIFEST = "manifest.json"
 
 
 # --- driver ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataPlan:
+    """What the driver needs of a run's data, from one call (`plan`): checked before Ray starts."""
+
+    cfg: TrainConfig
+    manifest: dict  # the packed blocks' manifest (vocab_size, seq_len, counts per task and split)
+    weights: dict[str, float]  # the tasks that train, with their normalised mixture weights
+    rows_per_epoch: dict[str, int]  # train blocks per training task
+    validation: dict[str, tuple[np.ndarray, np.ndarray]]  # every task's first eval_blocks val blocks
+
+    def datasets(self) -> dict:
+        """The Ray Datasets of the training tasks (Ray must be up): see build_datasets."""
+        return build_datasets(self.cfg, list(self.weights))
+
+    @staticmethod
+    def dataset_config():
+        return data_config()
+
+
+def plan(cfg: TrainConfig) -> DataPlan:
+    """Build what is missing when data.prepare is on, then read and check the manifest, the mixture
+    and the validation blocks."""
+    if cfg.data.prepare:
+        prepare(cfg)
+    manifest = read_manifest(cfg)
+    weights = mixture_tasks(cfg, manifest)
+    rows = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}
+    return DataPlan(cfg, manifest, weights, rows, read_validation(cfg))
 
 
 def prepare(cfg: TrainConfig) -> None:

@@ -21,7 +21,7 @@ def resume_point(run_dir: Path, launch_id: str, world: int) -> tuple[Path | None
 
     The event tells a fresh start from a relaunch (`resume`: a new `python -m train` of the same run),
     a restart inside the same launch (`restart`: Ray Train restarted the worker group after a worker
-    failed, recorded by launch.FailureRecord) and a resize (`resize`: the same, at another world size:
+    failed, recorded by callbacks.FailureRecord) and a resize (`resize`: the same, at another world size:
     a worker lost for good, or an elastic run that found room for more)."""
     gone = checkpoint.remove_leftovers(run_dir)
     ckpt_dir, meta, skipped = checkpoint.newest_intact(run_dir)

@@ -30,16 +30,19 @@ from train.config import CONFIG_DIR, TrainConfig, recipe_path
 log = logging.getLogger("train")
 
 
-def resolve(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
-    """Absolute paths (workers may run elsewhere) and the model sized to the data.
-    Returns (cfg, model config as a dict, blocks manifest)."""
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, train_data.DataPlan]:
+    """The one config of the run, resolved once on the driver: absolute paths (workers may run
+    elsewhere) and the model sized to the data (vocabulary, context). Workers, checkpoints, the run's
+    config.yaml and export all read this object. Returns it with the run's data plan."""
     data = replace(
         cfg.data, corpus=str(Path(cfg.data.corpus).resolve()), blocks=str(Path(cfg.data.blocks_dir).resolve())
     )
     cfg = replace(cfg, data=data, storage=str(Path(cfg.storage).resolve()))
-    manifest = train_data.read_manifest(cfg)
-    model = replace(cfg.model, vocab_size=pad_vocab(manifest["vocab_size"]), max_seq_len=cfg.data.seq_len)
-    return cfg, to_dict(model), manifest
+    plan = train_data.plan(cfg)
+    model = replace(
+        cfg.model, vocab_size=pad_vocab(plan.manifest["vocab_size"]), max_seq_len=cfg.data.seq_len
+    )
+    return replace(cfg, model=model), plan
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -65,10 +68,7 @@ def check_resources(cfg: TrainConfig) -> None:
 def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = None) -> dict:
     """Train; returns the summary (also the last line the CLI prints). `callbacks`: Ray Train callbacks
     (a Tune trial passes the one that forwards every report to Tune)."""
-    if cfg.data.prepare:
-        train_data.prepare(cfg)
-    cfg, model, manifest = resolve(cfg)
-    weights = train_data.mixture_tasks(cfg, manifest)
+    cfg, data = resolve(cfg)
     # Logical CPUs of an embedded cluster: one per worker plus room for Ray Data's readers (each
     # worker sets its own thread count, so this does not oversubscribe the cores).
     cluster.connect(
@@ -85,11 +85,8 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
 
     run_dir = Path(cfg.storage) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "model": model}, sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     cluster.keep_ray_helpers_here()
-    datasets = train_data.build_datasets(cfg, list(weights))
-    validation = train_data.read_validation(cfg)
-    rows_per_epoch = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}
     # Fault injection (odyssey/failpoints.py) reaches the workers only when armed here.
     armed = {failpoints.ENV: os.environ[failpoints.ENV]} if os.environ.get(failpoints.ENV) else None
     launch_id = uuid.uuid4().hex[:12]  # tells a restart inside this launch from a relaunch
@@ -98,10 +95,9 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
         torch_config=TorchConfig(backend=None if cfg.scaling.backend == "auto" else cfg.scaling.backend),
         train_loop_config={
             "train": to_dict(cfg),
-            "model": model,
-            "mixture": weights,
-            "rows_per_epoch": rows_per_epoch,
-            "validation": validation,
+            "mixture": data.weights,
+            "rows_per_epoch": data.rows_per_epoch,
+            "validation": data.validation,
             "run_dir": str(run_dir),
             "launch_id": launch_id,
         },
@@ -126,8 +122,8 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
             callbacks=[FailureRecord(run_dir), *(callbacks or [])],
             worker_runtime_env={"env_vars": armed} if armed else None,
         ),
-        datasets=datasets,
-        dataset_config=train_data.data_config(),
+        datasets=data.datasets(),
+        dataset_config=data.dataset_config(),
     )
     try:
         result = trainer.fit()

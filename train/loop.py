@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from odyssey import flops, logs, optim
 from odyssey.config import from_dict
-from odyssey.model import ModelConfig
 from train import checkpoint, events
 from train import data as train_data
 from train.config import TrainConfig
@@ -37,8 +36,7 @@ from train.metrics import RunLog, console, memory_gb, peak_flops_per_device
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
-    cfg = from_dict(TrainConfig, config["train"])
-    model_cfg = from_dict(ModelConfig, config["model"])
+    cfg = from_dict(TrainConfig, config["train"])  # resolved on the driver (launch.resolve)
     run_dir, weights = Path(config["run_dir"]), config["mixture"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -53,7 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt_dir, meta, event = choice[0]
     universal = meta is not None and checkpoint.needs_resharding(meta, world, cfg.deepspeed.zero_stage)
     with logs.cpu_accelerator(expect_gpu=cfg.scaling.use_gpu):
-        engine, model, flops_per_token = build_engine(cfg, model_cfg, world, universal)
+        engine, model, flops_per_token = build_engine(cfg, cfg.model, world, universal)
     device = engine.device
     step, tokens, data_state = 0, 0, None
     if meta is not None:
@@ -167,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "data": loader.state(),
                 "world_size": world,
                 "zero_stage": cfg.deepspeed.zero_stage,
-                "model": config["model"],
+                "model": config["train"]["model"],  # what export builds (the resolved one)
                 "train": config["train"],
                 "val_loss": metrics["val_loss"],
                 "metrics": metrics,

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from odyssey.config import named_file
 from odyssey.errors import ConfigError
 from odyssey.tasks import TASKS
+from tune import space
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METRICS = ("val_loss", "loss", *(f"val_loss_{t}" for t in TASKS))
@@ -133,3 +134,20 @@ class SweepConfig:
 def sweep_path(name_or_path: str) -> Path:
     """`tiny-lr` -> tune/configs/tiny-lr.yaml; a path is taken as it is."""
     return named_file(name_or_path, CONFIG_DIR, "sweep")
+
+
+@dataclass
+class Plan:
+    """A sweep resolved on the driver."""
+
+    cfg: SweepConfig
+    transfer: bool
+    sweep_dir: Path
+    base: dict[str, Any]  # the trials' training config as plain data, before the searched values
+    params: list[space.Param]
+    trial_tokens: int  # the most tokens one trial may train (ASHA's max_t)
+    target: dict[str, Any] | None = None  # --transfer: the wide model's training config (plain data)
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.sweep_dir / "trials"

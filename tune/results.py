@@ -25,7 +25,7 @@ from odyssey.config import to_dict
 from tune import space
 
 if TYPE_CHECKING:
-    from tune.sweep import Plan
+    from tune.config import Plan
 
 
 @dataclass

@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -32,7 +31,7 @@ from odyssey.model import ModelConfig
 from train import data as train_data
 from train.config import TrainConfig, recipe_path
 from tune import results, space
-from tune.config import CONFIG_DIR, SweepConfig, sweep_path
+from tune.config import CONFIG_DIR, Plan, SweepConfig, sweep_path
 
 log = logging.getLogger("tune")
 WIDTH_FIELDS = (
@@ -43,23 +42,6 @@ WIDTH_FIELDS = (
     "model.mup",
     "model.mup_base_width",
 )
-
-
-@dataclass
-class Plan:
-    """A sweep resolved on the driver."""
-
-    cfg: SweepConfig
-    transfer: bool
-    sweep_dir: Path
-    base: dict[str, Any]  # the trials' training config as plain data, before the searched values
-    params: list[space.Param]
-    trial_tokens: int  # the most tokens one trial may train (ASHA's max_t)
-    target: dict[str, Any] | None = None  # --transfer: the wide model's training config (plain data)
-
-    @property
-    def trials_dir(self) -> Path:
-        return self.sweep_dir / "trials"
 
 
 def plan(cfg: SweepConfig, transfer: bool = False) -> Plan:
@@ -175,10 +157,7 @@ def _prepare_data(p: Plan) -> None:
     seq_lens = next((q.values for q in p.params if q.field == "data.seq_len" and q.discrete), (None,))
     for seq_len in seq_lens:
         values = {} if seq_len is None else {"data.seq_len": seq_len}
-        trial = space.train_config(p.base, values)
-        if trial.data.prepare:
-            train_data.prepare(trial)
-        train_data.read_manifest(trial)  # a missing dataset is an error now, not in every trial
+        train_data.plan(space.train_config(p.base, values))  # a missing dataset: an error now, not per trial
 
 
 def _concurrency(cfg: SweepConfig, need_cpu: float) -> int:

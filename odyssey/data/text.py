@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import re
 
-_SPACES = re.compile(r"[ \t]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
-
-
-def squash(text: str) -> str:
-    """Collapse runs of spaces and tabs; strip each line and the whole."""
-    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.strip().splitlines())
 
 
 def paragraphs(text: str) -> list[str]:

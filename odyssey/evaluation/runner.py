@@ -31,15 +31,13 @@ from odyssey.tasks import MODERATION_LABELS, TASKS
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = artifact.BACKENDS
 _MODELS: dict = {}  # in each worker process: the model its last shard used, kept for the next shard
 
 
 def _model(path: str, backend: str):
     if (path, backend) not in _MODELS:
-        from odyssey import ort_model
-
-        loaded = ort_model.load(path) if backend == "onnxruntime" else artifact.load_model(path)
+        loaded = artifact.load(path, backend)
         _MODELS.clear()
         _MODELS[(path, backend)] = loaded[:2]
     return _MODELS[(path, backend)]

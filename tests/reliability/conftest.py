@@ -168,7 +168,7 @@ def app(tmp_path_factory, long_model) -> App:
     port = cluster.free_port()
     serve = ["serve", "--config", str(config_path), "--model", str(long_model), "--port", str(port)]
     started = subprocess.run(
-        [sys.executable, "-m", "odyssey", *serve, *[a for s in settings() for a in ("--set", s)]],
+        [sys.executable, "-m", "workflows", *serve, *[a for s in settings() for a in ("--set", s)]],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     head = cluster.LocalHead.load(cluster.state_file("serve", home))
@@ -178,7 +178,7 @@ def app(tmp_path_factory, long_model) -> App:
         yield App(info["url"], info["dashboard"], head, env, long_model, config_path)
     finally:
         stop = subprocess.run(
-            [sys.executable, "-m", "odyssey", "serve", "stop"], env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-m", "workflows", "serve", "stop"], env=env, capture_output=True, text=True, timeout=300
         )  # fmt: skip
         if head is not None:
             cluster.stop_head(head)  # whatever `serve stop` left (nothing, when it worked)

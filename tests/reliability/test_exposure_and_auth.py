@@ -8,7 +8,8 @@ import os
 import httpx
 import psutil
 
-from odyssey import cluster, cluster_files
+from odyssey import cluster
+from workflows import cluster_files
 
 
 def exposed(sockets: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:

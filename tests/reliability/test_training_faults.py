@@ -87,7 +87,7 @@ def test_a_tampered_checkpoint_is_refused_on_load_naming_the_file(dying_run, tmp
     assert shard in str(refused.value)
     assert not (tmp_path / "model").exists()  # nothing half-written
     cli = subprocess.run(
-        [sys.executable, "-m", "odyssey", "export", str(damaged_run), "--out", str(tmp_path / "cli-model")],
+        [sys.executable, "-m", "workflows", "export", str(damaged_run), "--out", str(tmp_path / "cli-model")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cli.returncode == 2 and "no intact checkpoint" in cli.stderr and shard in cli.stderr, cli.stderr[

@@ -280,23 +280,15 @@ def _pod_problems(where: str, group: dict) -> list[str]:
 
 
 def _serve_config_problems(where: str, text) -> list[str]:
-    """serveConfigV2 is a string holding a Serve config: checked by Serve's own schema, and the app's
-    args by the app's (serve.app.AppArgs), as `serve deploy` and the app would."""
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
-
-    from serve.app import AppArgs
+    """serveConfigV2 is a string holding a Serve config: checked as `odyssey serve` checks its own."""
+    from serve import launch
 
     if not isinstance(text, str):
         return [f"{where}: spec.serveConfigV2 is required (a string: the Serve config)"]
     try:
-        config = ServeDeploySchema.model_validate(yaml.safe_load(text))
-        for app in config.applications:
-            AppArgs(**(app.args or {}))
+        launch.check_config(yaml.safe_load(text))
     except yaml.YAMLError as e:
         return [f"{where}: spec.serveConfigV2: not YAML: {e}"]
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        return [f"{where}: spec.serveConfigV2: {field}: {first['msg']}"]
+    except ConfigError as e:
+        return [f"{where}: spec.serveConfigV2: {e}"]
     return []

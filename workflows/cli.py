@@ -38,7 +38,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    _data_parser(sub)
+    _tokenizer_parser(sub)
+    _model_parser(sub)
+    _demo_parser(sub)
+    _eval_parser(sub)
+    _promote_parser(sub)
+    _train_and_tune_parser(sub)
+    _export_parser(sub)
+    _serve_parser(sub)
+    _cluster_parser(sub)
+    return parser
 
+
+def _data_parser(sub) -> None:
+    """`odyssey data build | pack`"""
     data = sub.add_parser("data", help="build the multitask corpus and pack it into token blocks")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser("build", help="build the corpus (Parquet + manifest)")
@@ -62,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--seed", type=int, default=0)
     pack.add_argument("--overwrite", action="store_true")
 
+
+def _tokenizer_parser(sub) -> None:
+    """`odyssey tokenizer train`"""
     tokenizer = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
     train = tok_sub.add_parser("train", help="train on a corpus's train split")
@@ -69,10 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, default=8192)
     train.add_argument("--out", type=Path, help="default: CORPUS/tokenizer.json")
 
+
+def _model_parser(sub) -> None:
+    """`odyssey model presets`"""
     model = sub.add_parser("model", help="model presets")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     model_sub.add_parser("presets", help="list presets with parameters and FLOPs per token")
 
+
+def _demo_parser(sub) -> None:
+    """`odyssey demo [stop]`"""
     demo = sub.add_parser(
         "demo",
         help="local cluster -> data -> pretrain (2 workers, ZeRO-2) -> eval -> serve -> call every endpoint",
@@ -87,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     entrypoint.add_set(demo, "--set steps=1000 --set port=8001")
 
+
+def _eval_parser(sub) -> None:
+    """`odyssey eval`"""
     evaluate = sub.add_parser("eval", help="score a model on every task's held-out split (Ray tasks)")
     evaluate.add_argument("model", type=Path, help="an exported model, a checkpoint_* directory or a run")
     evaluate.add_argument("--corpus", type=Path, help="default: the corpus the model's run trained on")
@@ -104,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else embedded)")
 
+
+def _promote_parser(sub) -> None:
+    """`odyssey promote`"""
     promote = sub.add_parser(
         "promote",
         help="export a run's best checkpoint, evaluate it, roll it out only if it beats the served model",
@@ -122,11 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     promote.add_argument("--dry-run", action="store_true", help="evaluate and decide, deploy nothing")
 
+
+def _train_and_tune_parser(sub) -> None:
+    """`odyssey train | tune`: python -m train | tune's own parsers take the rest"""
     train = sub.add_parser("train", help="pretrain with Ray Train + DeepSpeed (same as python -m train)")
     train.add_argument("train_args", nargs=argparse.REMAINDER, help="python -m train's arguments")
     tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (same as python -m tune)")
     tune.add_argument("tune_args", nargs=argparse.REMAINDER, help="python -m tune's arguments")
 
+
+def _export_parser(sub) -> None:
+    """`odyssey export`"""
     export = sub.add_parser("export", help="a training checkpoint -> safetensors + config + tokenizer")
     export.add_argument("source", type=Path, help="a checkpoint_* directory or a run directory")
     export.add_argument("--out", required=True, type=Path)
@@ -144,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
         "--quantize", choices=["int8"], help="with --format onnx: int8 weights (dynamic quantization)"
     )
 
+
+def _serve_parser(sub) -> None:
+    """`odyssey serve [stop]`"""
     serve = sub.add_parser(
         "serve", help="deploy the serving app (serve/config.yaml) and return once every endpoint answers"
     )
@@ -156,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     entrypoint.add_set(serve, "--set gateway.auth=true")
 
+
+def _cluster_parser(sub) -> None:
+    """`odyssey cluster check | local-up | local-down | env`"""
     clusters = sub.add_parser(
         "cluster", help="check cluster files; a local autoscaling cluster of fake GPU nodes"
     )
@@ -181,7 +222,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the cluster `odyssey cluster local-up`, `odyssey serve` or `odyssey demo --keep-serving` "
         "started in this checkout (default: the one that is up)",
     )
-    return parser
 
 
 def _data_build(args) -> dict:
@@ -271,22 +311,22 @@ def _serve(args) -> dict:
 
 
 def _cluster_check(args) -> dict:
-    from odyssey import cluster_files
+    from workflows import cluster_files
 
     files = args.files or cluster_files.default_files()
     return {"checked": [cluster_files.check(f) for f in files]}
 
 
 def _cluster_local_up(args) -> dict:
-    from odyssey import cluster, cluster_files
+    from workflows import cluster_files, local_cluster
 
-    return cluster.local_up(args.config or cluster_files.CLUSTER_DIR / "fake-gpu.yaml")
+    return local_cluster.local_up(args.config or cluster_files.CLUSTER_DIR / "fake-gpu.yaml")
 
 
 def _cluster_local_down(args) -> dict:
-    from odyssey import cluster
+    from workflows import local_cluster
 
-    return cluster.local_down()
+    return local_cluster.local_down()
 
 
 def _cluster_env(args) -> None:
@@ -297,7 +337,7 @@ def _cluster_env(args) -> None:
 
 def _demo(args) -> dict:
     from odyssey.config import load_config
-    from odyssey.demo import DemoConfig, run, stop
+    from workflows.demo import DemoConfig, run, stop
 
     if args.action == "stop":
         return stop()
@@ -341,7 +381,7 @@ def default_eval_dir(model_id: str) -> Path:
 
 
 def _promote(args) -> dict:
-    from serve.promote import DEFAULT_METRICS, promote
+    from workflows.promote import DEFAULT_METRICS, promote
 
     metrics = args.metrics.split(",") if args.metrics else list(DEFAULT_METRICS)
     return promote(

@@ -242,27 +242,34 @@ def run(cfg: DemoConfig) -> dict:
     if not cfg.keep_serving:
         stop(head)
     print(next_steps(cfg.keep_serving, served["url"], head.dashboard_url, model))
-    result = {
+    found = {"run_dir": run_dir, "loss_plot": plot, "model": model, "report": report, "training": summary}
+    result = outcome(cfg, out, found, served["url"], head.dashboard_url, calls)
+    result.update(stages_s=stages, seconds=round(time.perf_counter() - t0, 1))
+    (out / "summary.json").write_text(json.dumps({**result, "answers": calls}, indent=2) + "\n")
+    return result
+
+
+def outcome(cfg: DemoConfig, out: Path, found: dict, url: str, dashboard: str, calls: list[dict]) -> dict:
+    """The demo's JSON summary: where everything landed, what training and evaluation measured, what
+    each endpoint answered and how to go on."""
+    model, summary = found["model"], found["training"]
+    return {
         "out": str(out),
-        "run_dir": str(run_dir),
-        "loss_plot": str(plot),
+        "run_dir": str(found["run_dir"]),
+        "loss_plot": str(found["loss_plot"]),
         "model": str(model),
         "eval": str(out / "eval" / "eval.json"),
-        "metrics": report["metrics"],
+        "metrics": found["report"]["metrics"],
         "training": {
             k: summary[k] for k in ("steps", "tokens", "first_loss", "final_loss", "val_loss", "tokens_per_s")
         },
         "serving": cfg.keep_serving,
-        "url": served["url"],
-        "dashboard": head.dashboard_url,
+        "url": url,
+        "dashboard": dashboard,
         "stop": "odyssey demo stop" if cfg.keep_serving else None,
         "serve_again": f"odyssey serve --model {relative(model)}",
         "calls": {c["request"]: c["status"] for c in calls},
-        "stages_s": stages,
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "summary.json").write_text(json.dumps({**result, "answers": calls}, indent=2) + "\n")
-    return result
 
 
 def next_steps(keep_serving: bool, url: str, dashboard: str, model: Path) -> str:

@@ -1,3 +1,0 @@
-from odyssey.cli import main
-
-raise SystemExit(main())
