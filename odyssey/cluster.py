@@ -136,6 +136,17 @@ def recorded(role: str) -> LocalHead | None:
     return head
 
 
+def stop_recorded(role: str, none_up: str, head: LocalHead | None = None) -> LocalHead:
+    """Stop the local cluster that `role` of this checkout started (or `head`) and forget its record.
+    `none_up`: the error when there is none (where other checkouts' clusters are is added)."""
+    head = head or recorded(role)
+    if head is None:
+        raise OdysseyError(none_up + elsewhere_hint(role))
+    stop_head(head)
+    state_file(role).unlink(missing_ok=True)
+    return head
+
+
 def recorded_elsewhere(role: str) -> list[LocalHead]:
     """Live local clusters that `role` started in other checkouts (for error messages that say where)."""
     mine = state_file(role)

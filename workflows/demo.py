@@ -296,12 +296,7 @@ def relative(path: Path) -> str:
 def stop(head: cluster.LocalHead | None = None) -> dict:
     """Stop the demo's cluster (its app with it): `head`, or the one this checkout's last demo kept up.
     Nothing else: a cluster that another command or checkout started is never touched."""
-    head = head or cluster.recorded("demo")
-    if head is None:
-        raise OdysseyError(
-            "no demo of this checkout is serving: `odyssey demo --keep-serving` leaves one up"
-            + cluster.elsewhere_hint("demo")
-        )
-    cluster.stop_head(head)
-    cluster.state_file("demo").unlink(missing_ok=True)
+    head = cluster.stop_recorded(
+        "demo", "no demo of this checkout is serving: `odyssey demo --keep-serving` leaves one up", head
+    )
     return {"stopped": "demo", "dashboard": head.dashboard_url}

@@ -46,12 +46,8 @@ def local_up(config_path: Path) -> dict:
 
 
 def local_down() -> dict:
-    head = cluster.recorded("local")
-    if head is None:
-        raise OdysseyError(
-            "no local cluster of this checkout to stop: none was started by `odyssey cluster local-up` here"
-            + cluster.elsewhere_hint("local")
-        )
-    cluster.stop_head(head)
-    cluster.state_file("local").unlink(missing_ok=True)
+    head = cluster.stop_recorded(
+        "local",
+        "no local cluster of this checkout to stop: none was started by `odyssey cluster local-up` here",
+    )
     return {"stopped": head.dashboard_url}
