@@ -253,6 +253,77 @@ class Gateway:
     def model_name(self) -> str:
         return (self.model_id or "odyssey").split("@")[0]
 
+    # --- the routes (ROUTES wires them) -----------------------------------------------------------
+
+    async def summarize(self, body: schemas.SummarizeRequest):
+        self.check_text("text", body.text)
+        return await self.call(lambda: self.summarizer.remote(body.text, self.cap(body.max_tokens)))
+
+    async def moderate(self, body: schemas.ModerateRequest):
+        self.check_text("text", body.text)
+        return await self.call(lambda: self.moderator.remote(body.text))
+
+    async def find(self, body: schemas.FindRequest):
+        self.check_text("query", body.query)
+        return await self.call(lambda: self.finder.remote(body.query, body.k))
+
+    async def code(self, body: schemas.CodeRequest):
+        self.check_text("prompt", body.prompt)
+        return await self.call(lambda: self.coder.remote(body.prompt, self.cap(body.max_tokens)))
+
+    async def completions(self, body: schemas.CompletionRequest):
+        await self.check_model(body.model)
+        for i, prompt in enumerate(body.prompts):
+            self.check_text(f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt", prompt)
+        params = self.generation_params(body)
+        completion_id, created = f"cmpl-{request_id()}", int(time.time())
+        if body.stream:
+            if len(body.prompts) > 1:
+                raise InvalidRequest("stream one prompt at a time")
+            return await stream_completion(self, body.prompts[0], params, completion_id, created)
+        outs = await asyncio.gather(
+            *(self.call(functools.partial(self.lm.generate.remote, "lm", p, params)) for p in body.prompts)
+        )
+        self.model_id = outs[0]["model"]
+        p_tokens, c_tokens = sum(o["prompt_tokens"] for o in outs), sum(o["completion_tokens"] for o in outs)
+        choices = [choice(o["text"], i, o["finish_reason"]) for i, o in enumerate(outs)]
+        usage = {
+            "prompt_tokens": p_tokens,
+            "completion_tokens": c_tokens,
+            "total_tokens": p_tokens + c_tokens,
+        }
+        return completion_body(completion_id, created, self.model_name(), choices, usage)
+
+    async def models(self):
+        info = await self.call(self.lm.info.remote)
+        self.model_id = info["id"]
+        return {"object": "list", "data": [{"id": info["name"], "created": 0, "root": info["id"]}]}
+
+    async def healthz(self):
+        info = await self.call(self.lm.info.remote)
+        return {"status": "ok", "model": info["id"]}
+
+    async def check_model(self, model: str | None) -> None:
+        """A request's `model`, if it names one, must be the served one (asked afresh when unknown)."""
+        if model is None or model in (self.model_name(), self.model_id):
+            return
+        info = await self.call(self.lm.info.remote)
+        self.model_id = info["id"]
+        if model not in (info["name"], info["id"]):
+            raise NotFound(f"model {model!r} is not served here; GET /v1/models lists {info['name']!r}")
+
+    def generation_params(self, body: schemas.CompletionRequest) -> GenerationParams:
+        try:
+            return GenerationParams(
+                max_tokens=self.cap(body.max_tokens),
+                temperature=body.temperature,
+                top_p=body.top_p if body.top_p < 1.0 else None,
+                stop=body.stops,
+                seed=body.seed,
+            )
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+
 
 def translate(exc: BaseException) -> BaseException:
     """A downstream failure as the ServeError it means, or as it is (a 500)."""
@@ -302,24 +373,53 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+# (method, path, Gateway method, response model): /v1/* ask for the API key when auth is on.
+ROUTES = [
+    ("POST", "/v1/summarize", "summarize", schemas.SummarizeResponse),
+    ("POST", "/v1/moderate", "moderate", schemas.ModerateResponse),
+    ("POST", "/v1/find", "find", schemas.FindResponse),
+    ("POST", "/v1/code", "code", schemas.CodeResponse),
+    ("POST", "/v1/completions", "completions", schemas.CompletionResponse),
+    ("GET", "/v1/models", "models", schemas.ModelList),
+    ("GET", "/healthz", "healthz", None),
+]
+ERRORS = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 422, 503, 504)}
+
+
 def build_api(gw: Gateway) -> FastAPI:
     app = FastAPI(
         title="Odyssey",
         description="One multitask language model: summarize, moderate, find passages, write code.",
         version="1",
     )
-    s = gw.settings
+    app.add_middleware(
+        BodyLimit, max_bytes=gw.settings.max_body_bytes, retry_after_s=gw.settings.retry_after_s
+    )
+    add_error_handlers(app, gw.settings.retry_after_s)
 
-    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, retry_after_s=s.retry_after_s)
+    def authorized(request: Request) -> None:
+        gw.authorize(request)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    for method, path, name, response_model in ROUTES:
+        router, route = (v1, path.removeprefix("/v1")) if path.startswith("/v1/") else (app, path)
+        extra = {"response_model": response_model, "responses": ERRORS} if response_model else {}
+        router.add_api_route(route, getattr(gw, name), methods=[method], name=name, **extra)
+    app.include_router(v1)
+    return app
+
+
+def add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Every error as `{"error": {...}}` with its status: ours, FastAPI's, validation, the unexpected."""
 
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, exc: ServeError):
-        return error_response(exc, s.retry_after_s)
+        return error_response(exc, retry_after_s)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException):
         # The same error body as every other error, and the refusal's own headers (a 405's Allow).
-        response = error_response(http_error(request, exc), s.retry_after_s)
+        response = error_response(http_error(request, exc), retry_after_s)
         response.status_code = exc.status_code
         response.headers.update(exc.headers or {})
         return response
@@ -335,104 +435,24 @@ def build_api(gw: Gateway) -> FastAPI:
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):
         log.exception("request %s failed", request_id())
-        return JSONResponse(
-            {
-                "error": {
-                    "type": "internal_error",
-                    "message": f"internal error; the replica logs have it under request id {request_id()}",
-                    "request_id": request_id(),
-                }
-            },
-            status_code=500,
-        )
+        message = f"internal error; the replica logs have it under request id {request_id()}"
+        error = {"type": "internal_error", "message": message, "request_id": request_id()}
+        return JSONResponse({"error": error}, status_code=500)
 
-    def authorized(request: Request) -> None:
-        gw.authorize(request)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
-    errors = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 422, 503, 504)}
+def completion_body(
+    completion_id: str, created: int, model: str, choices: list[dict], usage: dict | None = None
+) -> dict:
+    """An OpenAI `text_completion` object: the whole answer (with `usage`) and each streamed chunk."""
+    body = {"id": completion_id, "object": "text_completion", "created": created, "model": model}
+    body["choices"] = choices
+    if usage is not None:
+        body["usage"] = usage
+    return body
 
-    @v1.post("/summarize", response_model=schemas.SummarizeResponse, responses=errors)
-    async def summarize(body: schemas.SummarizeRequest):
-        gw.check_text("text", body.text)
-        return await gw.call(lambda: gw.summarizer.remote(body.text, gw.cap(body.max_tokens)))
 
-    @v1.post("/moderate", response_model=schemas.ModerateResponse, responses=errors)
-    async def moderate(body: schemas.ModerateRequest):
-        gw.check_text("text", body.text)
-        return await gw.call(lambda: gw.moderator.remote(body.text))
-
-    @v1.post("/find", response_model=schemas.FindResponse, responses=errors)
-    async def find(body: schemas.FindRequest):
-        gw.check_text("query", body.query)
-        return await gw.call(lambda: gw.finder.remote(body.query, body.k))
-
-    @v1.post("/code", response_model=schemas.CodeResponse, responses=errors)
-    async def code(body: schemas.CodeRequest):
-        gw.check_text("prompt", body.prompt)
-        return await gw.call(lambda: gw.coder.remote(body.prompt, gw.cap(body.max_tokens)))
-
-    @v1.post("/completions", response_model=schemas.CompletionResponse, responses=errors)
-    async def completions(body: schemas.CompletionRequest):
-        if body.model is not None and body.model not in (gw.model_name(), gw.model_id):
-            models = await gw.call(gw.lm.info.remote)
-            gw.model_id = models["id"]
-            if body.model not in (models["name"], models["id"]):
-                raise NotFound(
-                    f"model {body.model!r} is not served here; GET /v1/models lists {models['name']!r}"
-                )
-        for i, prompt in enumerate(body.prompts):
-            gw.check_text(f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt", prompt)
-        try:
-            params = GenerationParams(
-                max_tokens=gw.cap(body.max_tokens),
-                temperature=body.temperature,
-                top_p=body.top_p if body.top_p < 1.0 else None,
-                stop=body.stops,
-                seed=body.seed,
-            )
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from None
-        completion_id, created = f"cmpl-{request_id()}", int(time.time())
-        if body.stream:
-            if len(body.prompts) > 1:
-                raise InvalidRequest("stream one prompt at a time")
-            return await stream_completion(gw, body.prompts[0], params, completion_id, created)
-        outs = await asyncio.gather(
-            *(gw.call(functools.partial(gw.lm.generate.remote, "lm", p, params)) for p in body.prompts)
-        )
-        gw.model_id = outs[0]["model"]
-        p_tokens, c_tokens = sum(o["prompt_tokens"] for o in outs), sum(o["completion_tokens"] for o in outs)
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": gw.model_name(),
-            "choices": [
-                {"text": o["text"], "index": i, "logprobs": None, "finish_reason": o["finish_reason"]}
-                for i, o in enumerate(outs)
-            ],
-            "usage": {
-                "prompt_tokens": p_tokens,
-                "completion_tokens": c_tokens,
-                "total_tokens": p_tokens + c_tokens,
-            },
-        }
-
-    @v1.get("/models", response_model=schemas.ModelList, responses=errors)
-    async def models():
-        info = await gw.call(gw.lm.info.remote)
-        gw.model_id = info["id"]
-        return {"object": "list", "data": [{"id": info["name"], "created": 0, "root": info["id"]}]}
-
-    app.include_router(v1)
-
-    @app.get("/healthz")
-    async def healthz():
-        info = await gw.call(gw.lm.info.remote)
-        return {"status": "ok", "model": info["id"]}
-
-    return app
+def choice(text: str, index: int, finish_reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
 
 
 async def stream_completion(
@@ -458,15 +478,9 @@ async def stream_completion(
 
     def event(chunk) -> str:
         return sse(
-            {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": gw.model_name(),
-                "choices": [
-                    {"text": chunk.text, "index": 0, "logprobs": None, "finish_reason": chunk.finish_reason}
-                ],
-            }
+            completion_body(
+                completion_id, created, gw.model_name(), [choice(chunk.text, 0, chunk.finish_reason)]
+            )
         )
 
     async def events():

@@ -53,3 +53,18 @@ def test_an_arrow_the_wrong_way_breaks_a_contract(tmp_path, module, line, broken
     assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-2000:]
     verdicts = [line for line in done.stdout.splitlines() if line.endswith((" KEPT", " BROKEN"))]
     assert [line for line in verdicts if line.startswith(broken) and line.endswith(" BROKEN")], verdicts
+
+
+def test_no_function_is_longer_than_a_screen():
+    """A function you read in one screen: at most 80 lines in the packages (tests and bench aside)."""
+    import ast
+
+    long = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, long

@@ -176,3 +176,13 @@ def test_a_step_trains_the_same_rows_in_the_same_micro_batches_at_any_world_size
 def test_a_step_that_does_not_split_over_the_workers_is_refused():
     with pytest.raises(ValueError, match="8 sequences per step do not split into 3 x micro-batches of 2"):
         loader(world=3)
+
+
+def test_the_cadence_of_logs_evaluations_and_checkpoints():
+    from train.loop import Cadence
+
+    c = Cadence(steps=10, log_every=3, eval_every=4, checkpoint_every=5)
+    steps = range(1, 11)
+    assert [s for s in steps if c.logs(s)] == [3, 6, 9, 10]  # the last step always
+    assert [s for s in steps if c.saves(s)] == [5, 10]
+    assert [s for s in steps if c.evaluates(s)] == [4, 5, 8, 10]  # every checkpoint is evaluated

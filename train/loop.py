@@ -1,4 +1,5 @@
-"""`train_loop_per_worker`: what every Ray Train worker runs, top to bottom.
+"""`train_loop_per_worker`: what every Ray Train worker runs, top to bottom (in the spirit of
+torchtitan's train / train_step / forward_backward_step: each part a named method of `Worker`).
 
     pick the newest intact checkpoint of the run, if any -> build the DeepSpeed engine around the core
     model for this world size -> load the checkpoint (resharded when another world size wrote it) ->
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from odyssey import flops, logs, optim
-from odyssey.config import from_dict
+from odyssey.config import from_dict, to_dict
 from train import checkpoint, events
 from train import data as train_data
 from train.config import TrainConfig
@@ -34,148 +36,223 @@ from train.metrics import RunLog, console, memory_gb, peak_flops_per_device
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
+    worker = Worker(config)  # resumed from the newest intact checkpoint, if any
+    cadence = Cadence(
+        worker.cfg.steps, worker.cfg.log_every, worker.cfg.eval_every, worker.cfg.checkpoint_every
+    )
+    while worker.step < worker.cfg.steps:
+        worker.train_step()
+        if cadence.logs(worker.step) or cadence.evaluates(worker.step):
+            worker.report(evaluate=cadence.evaluates(worker.step), save=cadence.saves(worker.step))
+    worker.log.close()
 
-    cfg = from_dict(TrainConfig, config["train"])  # resolved on the driver (launch.resolve)
-    run_dir, weights = Path(config["run_dir"]), config["mixture"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cuda = torch.cuda.is_available()  # a reserved GPU may have no CUDA behind it (the fake-GPU cluster)
-    if not cuda:
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    logs.quiet()  # the libraries' routine notices (odyssey/logs.py), whatever started this run
 
-    # Where to resume: rank 0 picks the newest checkpoint that verifies, every rank follows.
-    choice = [events.resume_point(run_dir, config["launch_id"], world) if rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    ckpt_dir, meta, event = choice[0]
-    universal = meta is not None and checkpoint.needs_resharding(meta, world, cfg.deepspeed.zero_stage)
-    with logs.cpu_accelerator(expect_gpu=cfg.scaling.use_gpu):
-        engine, model, flops_per_token = build_engine(cfg, cfg.model, world, universal)
-    device = engine.device
-    step, tokens, data_state = 0, 0, None
-    if meta is not None:
-        checkpoint.load(engine, ckpt_dir, universal, ctx.get_local_rank())
-        step, tokens, data_state = meta["step"], meta["tokens"], meta["data"]
-        if rank == 0:
-            how = f", resharded from {meta['world_size']} workers to {world}" if universal else ""
-            console(f"resumed from {ckpt_dir} at step {step} ({tokens:,} tokens){how}")
-        if step >= cfg.steps and "metrics" in meta:
+@dataclass(frozen=True)
+class Cadence:
+    """Which steps log, evaluate and checkpoint. The last step does all three, and every checkpoint is
+    evaluated (the run's best checkpoint is chosen by validation loss)."""
+
+    steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.steps
+
+    def saves(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0 or step == self.steps
+
+    def evaluates(self, step: int) -> bool:
+        return step % self.eval_every == 0 or self.saves(step)
+
+
+class Worker:
+    """One rank of the run: its engine, its slice of the data and the counters between reports."""
+
+    def __init__(self, config: dict):
+        import ray.train
+
+        self.cfg = cfg = from_dict(TrainConfig, config["train"])  # resolved on the driver (launch.resolve)
+        self.run_dir = Path(config["run_dir"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.cuda = (
+            torch.cuda.is_available()
+        )  # a reserved GPU may have no CUDA behind it (the fake-GPU cluster)
+        if not self.cuda:
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        logs.quiet()  # the libraries' routine notices (odyssey/logs.py), whatever started this run
+        data_state, event = self._resume(config["launch_id"], ctx.get_local_rank())
+        self.loader = train_data.make_loader(
+            cfg, config["mixture"], config["rows_per_epoch"], self.rank, self.world, data_state
+        )
+        self.grad_accum = cfg.grad_accum_steps(self.world)
+        self.val_data = {
+            t: (torch.from_numpy(i.astype("int64")), torch.from_numpy(m.astype(bool)))
+            for t, (i, m) in config["validation"].items()
+        }
+        self.log = RunLog(self.run_dir, cfg.steps, self.step, enabled=self.rank == 0)
+        self._record_start(event)
+        # Between reports: summed on the device, read at the next report (no host sync per step).
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.nonfinite = torch.zeros((), device=self.device)
+        self.grad_norm = None
+        self.own_clipping = loop_clips_gradients(cfg)
+        # Over the run: the first report's loss, and steady-state throughput (the first interval is start-up).
+        self.first_loss, self.timed_tokens, self.timed_seconds = None, 0, 0.0
+        self.peak = None  # FLOP/s of all devices together, taken at the first report (see _interval_metrics)
+
+    def _resume(self, launch_id: str, local_rank: int) -> tuple[dict | None, dict]:
+        """Rank 0 picks the newest checkpoint that verifies and every rank follows: the engine is built for
+        this world size and the checkpoint loaded (resharded when another world size wrote it).
+        Returns (the data position to resume, the event that says why this start happens)."""
+        cfg = self.cfg
+        choice = [events.resume_point(self.run_dir, launch_id, self.world) if self.rank == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        ckpt_dir, meta, event = choice[0]
+        self.resharded = meta is not None and checkpoint.needs_resharding(
+            meta, self.world, cfg.deepspeed.zero_stage
+        )
+        with logs.cpu_accelerator(expect_gpu=cfg.scaling.use_gpu):
+            self.engine, self.model, self.flops_per_token = build_engine(
+                cfg, cfg.model, self.world, self.resharded
+            )
+        self.device = self.engine.device
+        self.step, self.tokens = 0, 0
+        if meta is None:
+            return None, event
+        checkpoint.load(self.engine, ckpt_dir, self.resharded, local_rank)
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        if self.rank == 0:
+            how = f", resharded from {meta['world_size']} workers to {self.world}" if self.resharded else ""
+            console(f"resumed from {ckpt_dir} at step {self.step} ({self.tokens:,} tokens){how}")
+        if self.step >= cfg.steps and "metrics" in meta:
+            import ray.train
+
             # Relaunched after its last checkpoint: nothing to train, but whoever watches the reports (a Tune
             # trial restarted after an interruption) must still see the run's final metrics.
             ray.train.report(meta["metrics"])
-    loader = train_data.make_loader(cfg, weights, config["rows_per_epoch"], rank, world, data_state)
-    grad_accum = cfg.grad_accum_steps(world)
-    val_data = {
-        t: (torch.from_numpy(i.astype("int64")), torch.from_numpy(m.astype(bool)))
-        for t, (i, m) in config["validation"].items()
-    }
+        return meta["data"], event
 
-    peak = None  # FLOP/s of all devices together, taken at the first log (see below)
-    log = RunLog(run_dir, cfg.steps, step, enabled=rank == 0)
-    places = [None] * world  # where each rank runs: the record of which machines trained (and a resize's)
-    dist.all_gather_object(places, (ray.get_runtime_context().get_node_id(), os.getpid()))
-    event.update(world_size=world, step=step, tokens=tokens, resharded=universal)
-    log.event(event.pop("event"), **event, nodes=[n for n, _ in places], pids=[p for _, p in places])
-    nonfinite = torch.zeros((), device=device)
-    first_loss = None
-    timed_tokens, timed_seconds = 0, 0.0  # steady-state throughput: the first interval is start-up
-    loss_sum = torch.zeros((), device=device)
-    own_clipping = loop_clips_gradients(cfg)
-    grad_norm = None
-    while step < cfg.steps:
-        step += 1
-        optim.set_lr(
-            engine.optimizer,
-            optim.lr_at(step - 1, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio),
+    def _record_start(self, event: dict) -> None:
+        """events.jsonl: why this start happened, at which step, on which machines (all ranks gather)."""
+        import ray
+
+        places = [None] * self.world
+        dist.all_gather_object(places, (ray.get_runtime_context().get_node_id(), os.getpid()))
+        event.update(world_size=self.world, step=self.step, tokens=self.tokens, resharded=self.resharded)
+        self.log.event(event.pop("event"), **event, nodes=[n for n, _ in places], pids=[p for _, p in places])
+
+    def train_step(self) -> None:
+        """One optimizer step: this rank's micro-batches of the step's global batch."""
+        cfg = self.cfg
+        self.step += 1
+        lr = optim.lr_at(
+            self.step - 1, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
         )
-        for batch in loader.step_batches():  # grad_accum micro-batches: this rank's slice of the step
-            inputs, targets, mask = (t.to(device) for t in batch)
-            loss = engine(inputs, targets, mask)
-            engine.backward(loss)  # at the accumulation boundary this also all-reduces the gradients
-            if own_clipping and engine.is_gradient_accumulation_boundary():
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.optim.grad_clip or math.inf
-                )
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            loss = loss.detach().float()
-            nonfinite += ~torch.isfinite(loss)
-            loss_sum += loss
-        if not own_clipping:
-            grad_norm = engine.get_global_grad_norm()
+        optim.set_lr(self.engine.optimizer, lr)
+        for batch in self.loader.step_batches():  # grad_accum micro-batches
+            self._forward_backward(batch)
+        if not self.own_clipping:
+            self.grad_norm = self.engine.get_global_grad_norm()
         if cfg.deepspeed.precision != "fp16":  # fp16 overflows are loss scaling's business: skipped steps
-            nonfinite += ~torch.isfinite(
-                torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device)
-            )
-        tokens += cfg.global_batch_tokens
+            norm = self.grad_norm if self.grad_norm is not None else 0.0
+            self.nonfinite += ~torch.isfinite(torch.as_tensor(norm, device=self.device))
+        self.tokens += cfg.global_batch_tokens
 
-        logging_now = step % cfg.log_every == 0 or step == cfg.steps
-        evaluating = step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps
-        saving = step % cfg.checkpoint_every == 0 or step == cfg.steps
-        if not (logging_now or evaluating or saving):
-            continue
-        steps_since = step - log.step_last
-        mean_loss = _all_mean(loss_sum / (steps_since * grad_accum), device)  # also a sync point
-        loss_sum.zero_()
-        if _all_sum(nonfinite.item(), device) > 0:
+    def _forward_backward(self, batch) -> None:
+        engine = self.engine
+        inputs, targets, mask = (t.to(self.device) for t in batch)
+        loss = engine(inputs, targets, mask)
+        engine.backward(loss)  # at the accumulation boundary this also all-reduces the gradients
+        if self.own_clipping and engine.is_gradient_accumulation_boundary():
+            clip = self.cfg.optim.grad_clip or math.inf
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+        loss = loss.detach().float()
+        self.nonfinite += ~torch.isfinite(loss)
+        self.loss_sum += loss
+
+    def report(self, evaluate: bool, save: bool) -> None:
+        """The interval's metrics (+ validation losses, + the run's averages at its end) into the run's
+        log; a checkpoint, or at an evaluation a report to Ray Train (a barrier: not every step)."""
+        metrics = self._interval_metrics()
+        if evaluate:
+            metrics.update(self._validation(metrics["loss"]))
+        if self.step == self.cfg.steps:
+            avg = self.timed_tokens / self.timed_seconds if self.timed_seconds else metrics["tokens_per_s"]
+            mfu = flops.mfu(self.flops_per_token, avg, self.peak)
+            metrics.update(first_loss=self.first_loss, avg_tokens_per_s=avg, avg_mfu=mfu)
+        self.log.write(self.step, self.tokens, metrics)
+        if save:
+            self._save(metrics)
+        elif evaluate:
+            import ray.train
+
+            ray.train.report(metrics)
+        self.log.mark(self.step)
+
+    def _interval_metrics(self) -> dict:
+        """Loss, rate, MFU and memory since the last report, over every rank; a NaN or Inf there ends the
+        run before it can write a checkpoint."""
+        cfg, device = self.cfg, self.device
+        steps_since = self.step - self.log.step_last
+        mean_loss = _all_mean(self.loss_sum / (steps_since * self.grad_accum), device)  # also a sync point
+        self.loss_sum.zero_()
+        if _all_sum(self.nonfinite.item(), device) > 0:
             raise FloatingPointError(
-                f"loss or gradient norm became NaN or Inf at or before step {step}; no checkpoint was written. Lower optim.lr "
+                f"loss or gradient norm became NaN or Inf at or before step {self.step}; no checkpoint was written. Lower optim.lr "
                 f"(now {cfg.optim.lr}), raise optim.warmup_steps, or use precision bf16 instead of fp16"
             )
-        seconds = log.interval_seconds()
-        if peak is None:
+        seconds = self.log.interval_seconds()
+        if self.peak is None:
             # On CPUs the peak is a timed matmul: taken here, with every rank idle at the same moment and
             # start-up (Ray, Ray Data, DeepSpeed) over, so nothing but the matmul competes for the cores.
-            own = peak_flops_per_device(cfg.deepspeed.precision, cuda, cfg.peak_tflops)
-            peak = _all_sum(own, device)
+            own = peak_flops_per_device(cfg.deepspeed.precision, self.cuda, cfg.peak_tflops)
+            self.peak = _all_sum(own, device)
         rate = steps_since * cfg.global_batch_tokens / seconds
-        if first_loss is None:
-            first_loss = mean_loss
+        if self.first_loss is None:
+            self.first_loss = mean_loss
         else:
-            timed_tokens, timed_seconds = (
-                timed_tokens + steps_since * cfg.global_batch_tokens,
-                timed_seconds + seconds,
-            )
+            self.timed_tokens += steps_since * cfg.global_batch_tokens
+            self.timed_seconds += seconds
         metrics = {
-            "step": step,
-            "tokens": tokens,
+            "step": self.step,
+            "tokens": self.tokens,
             "loss": mean_loss,
-            "lr": engine.optimizer.param_groups[0]["lr"],
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
             "tokens_per_s": rate,
-            "mfu": flops.mfu(flops_per_token, rate, peak),
-            "memory_gb": _all_max(memory_gb(cuda), device),
-            "world_size": world,
+            "mfu": flops.mfu(self.flops_per_token, rate, self.peak),
+            "memory_gb": _all_max(memory_gb(self.cuda), device),
+            "world_size": self.world,
         }
-        if grad_norm is not None:  # fp16 loss scaling may skip a step's norm
-            metrics["grad_norm"] = float(grad_norm)
-        if evaluating:
-            metrics.update({f"val_loss_{t}": v for t, v in evaluate(engine, val_data, device).items()})
-            task_losses = [v for k, v in metrics.items() if k.startswith("val_loss_")]
-            metrics["val_loss"] = sum(task_losses) / len(task_losses) if task_losses else mean_loss
-        if step == cfg.steps:
-            avg = timed_tokens / timed_seconds if timed_seconds else rate
-            metrics.update(
-                first_loss=first_loss, avg_tokens_per_s=avg, avg_mfu=flops.mfu(flops_per_token, avg, peak)
-            )
-        log.write(step, tokens, metrics)
-        if saving:
-            meta = {
-                "step": step,
-                "tokens": tokens,
-                "data": loader.state(),
-                "world_size": world,
-                "zero_stage": cfg.deepspeed.zero_stage,
-                "model": config["train"]["model"],  # what export builds (the resolved one)
-                "train": config["train"],
-                "val_loss": metrics["val_loss"],
-                "metrics": metrics,
-            }
-            tokenizer = Path(cfg.data.corpus) / "tokenizer.json"
-            checkpoint.save(engine, run_dir, step, metrics, meta, tokenizer if tokenizer.is_file() else None)
-        elif evaluating:  # Ray Train's record (the dashboard) at evaluations: a report is a barrier
-            ray.train.report(metrics)
-        log.mark(step)
-    log.close()
+        if self.grad_norm is not None:  # fp16 loss scaling may skip a step's norm
+            metrics["grad_norm"] = float(self.grad_norm)
+        return metrics
+
+    def _validation(self, train_loss: float) -> dict:
+        losses = {f"val_loss_{t}": v for t, v in evaluate(self.engine, self.val_data, self.device).items()}
+        return {**losses, "val_loss": sum(losses.values()) / len(losses) if losses else train_loss}
+
+    def _save(self, metrics: dict) -> None:
+        """A checkpoint with what a resume (at any world size) and export need."""
+        cfg = self.cfg
+        meta = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "data": self.loader.state(),
+            "world_size": self.world,
+            "zero_stage": cfg.deepspeed.zero_stage,
+            "model": to_dict(cfg.model),  # what export builds (the resolved one)
+            "train": to_dict(cfg),
+            "val_loss": metrics["val_loss"],
+            "metrics": metrics,
+        }
+        tokenizer = Path(cfg.data.corpus) / "tokenizer.json"
+        checkpoint.save(
+            self.engine, self.run_dir, self.step, metrics, meta, tokenizer if tokenizer.is_file() else None
+        )
 
 
 @torch.no_grad()
