@@ -13,9 +13,12 @@ send a call again when the replica that had it died (SIGKILL, a lost node): the 
 effects, and another replica answers.
 Every error body is `{"error": {"type", "message", "param"?, "request_id"}}`; every response carries
 `x-request-id` (Serve's proxy sets it, or echoes the client's).
+
+No `from __future__ import annotations` here: Serve pickles the ingress class by value, with only the
+globals its methods name, so FastAPI could not resolve the routes' annotations written as strings (it
+would take every request body for a missing query parameter: 422).
 """
 
-from __future__ import annotations
 
 import asyncio
 import functools
