@@ -169,7 +169,6 @@ def main() -> None:
                     )
                 samples[name].append(r)
                 print(f"round {round_ + 1}: {name}: {r['tokens_per_s']:.0f} tokens/s", flush=True)
-    plain = samples["plain"][0]
     results = {
         name: {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
@@ -181,6 +180,11 @@ def main() -> None:
 
     for r in results.values():
         r["mfu"] = flops.mfu(flops_per_token, r["tokens_per_s"], peak)
+    if args.only:  # a partial run is for looking, not for the record (the targets compare every setting)
+        for name, r in results.items():
+            print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, {r['memory_gb']:.2f} GB, MFU {r['mfu']:.3f}")
+        return
+    plain = samples["plain"][0]
     best_ds1 = max(r["tokens_per_s"] for k, r in results.items() if k.endswith("-w1"))
     ratio = best_ds1 / results["plain"]["tokens_per_s"]
     best = max((k for k in results if k != "plain"), key=lambda k: results[k]["mfu"])
@@ -235,9 +239,6 @@ def main() -> None:
         f"MFU = {flops_per_token / 1e6:.0f} MFLOP/token (6N + 12LDT) x tokens/s / the fp32 matmul peak measured "
         f"above with {cores} threads. Memory: peak resident set of the training process (max over workers)."
     )
-    if args.only:  # a partial run is for looking, not for the record
-        print(json.dumps(figures, indent=1))
-        return
     path = report.write("train_throughput", figures, targets, table, notes)
     print(path.read_text())
 
