@@ -19,7 +19,6 @@ globals its methods name, so FastAPI could not resolve the routes' annotations w
 would take every request body for a missing query parameter: 422).
 """
 
-
 import asyncio
 import functools
 import hashlib
