@@ -30,7 +30,7 @@ from odyssey.data.corpus import CorpusConfig
 from odyssey.errors import ConfigError
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
-from train.config import TrainConfig
+from train.config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 class DataPlan:
     """What the driver needs of a run's data, from one call (`plan`): checked before Ray starts."""
 
-    cfg: TrainConfig
+    data: DataConfig  # where the blocks are and how they are read (the run's config holds the rest)
     manifest: dict  # the packed blocks' manifest (vocab_size, seq_len, counts per task and split)
     weights: dict[str, float]  # the tasks that train, with their normalised mixture weights
     rows_per_epoch: dict[str, int]  # train blocks per training task
@@ -51,7 +51,7 @@ class DataPlan:
 
     def datasets(self) -> dict:
         """The Ray Datasets of the training tasks (Ray must be up): see build_datasets."""
-        return build_datasets(self.cfg, list(self.weights))
+        return build_datasets(self.data, list(self.weights))
 
     @staticmethod
     def dataset_config():
@@ -66,7 +66,7 @@ def plan(cfg: TrainConfig) -> DataPlan:
     manifest = read_manifest(cfg)
     weights = mixture_tasks(cfg, manifest)
     rows = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}
-    return DataPlan(cfg, manifest, weights, rows, read_validation(cfg))
+    return DataPlan(cfg.data, manifest, weights, rows, read_validation(cfg))
 
 
 def prepare(cfg: TrainConfig) -> None:
@@ -121,7 +121,7 @@ def dataset_name(split: str, task: str) -> str:
     return f"{split}_{task}"
 
 
-def build_datasets(cfg: TrainConfig, tasks: list[str]) -> dict:
+def build_datasets(data: DataConfig, tasks: list[str]) -> dict:
     """One Ray Dataset per training task of the mixture, named train_{task}.
 
     data.load = "stream": Ray Data reads the Parquet shards lazily with read tasks spread over the
@@ -134,11 +134,11 @@ def build_datasets(cfg: TrainConfig, tasks: list[str]) -> dict:
     context = ray.data.DataContext.get_current()  # travels with the datasets to the workers
     context.enable_progress_bars = False  # the training progress line says what matters
     context.print_on_execution_start = False
-    blocks_dir = Path(cfg.data.blocks_dir)
+    blocks_dir = Path(data.blocks_dir)
     datasets = {}
     for task in tasks:
         files = _files(blocks_dir, task, "train")
-        if cfg.data.load == "memory":
+        if data.load == "memory":
             datasets[dataset_name("train", task)] = ray.data.from_arrow([pq.read_table(f) for f in files])
         else:
             datasets[dataset_name("train", task)] = ray.data.read_parquet(files)
