@@ -45,11 +45,10 @@ TARGETS = {"batching_speedup_at_32": 4.0, "kv_cache_speedup_128": 5.0, "added_p5
 
 
 def make_model(workdir: Path, preset: str) -> tuple[Path, Transformer, Tokenizer]:
-    from odyssey.data import corpus as corpus_mod
-    from odyssey.data.corpus import CorpusConfig
+    from odyssey.data.corpus import CorpusConfig, build_corpus, texts
 
-    corpus_mod.build_corpus(workdir / "corpus", CorpusConfig.from_preset("tiny"))
-    tok = Tokenizer.train(corpus_mod.texts(workdir / "corpus", "train"), vocab_size=4096)
+    build_corpus(workdir / "corpus", CorpusConfig.from_preset("tiny"))
+    tok = Tokenizer.train(texts(workdir / "corpus", "train"), vocab_size=4096)
     torch.manual_seed(0)
     model = Transformer(
         replace(PRESETS[preset](), vocab_size=pad_vocab(tok.vocab_size), max_seq_len=512)

@@ -60,11 +60,10 @@ REQUESTS = (
 
 
 def make_model(workdir: Path) -> Path:
-    from odyssey.data import corpus as corpus_mod
-    from odyssey.data.corpus import CorpusConfig
+    from odyssey.data.corpus import CorpusConfig, build_corpus, texts
 
-    corpus_mod.build_corpus(workdir / "corpus", CorpusConfig.from_preset("tiny"))
-    tok = Tokenizer.train(corpus_mod.texts(workdir / "corpus", "train"), vocab_size=4096)
+    build_corpus(workdir / "corpus", CorpusConfig.from_preset("tiny"))
+    tok = Tokenizer.train(texts(workdir / "corpus", "train"), vocab_size=4096)
     torch.manual_seed(0)
     model = Transformer(replace(tiny(), vocab_size=pad_vocab(tok.vocab_size), max_seq_len=512))
     return artifact.save_model(workdir / "model", model, tok)

@@ -131,10 +131,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from odyssey.config import load_config
-    from train import data as train_data
+    from train import mixture
     from train.config import TrainConfig, recipe_path
 
-    train_data.prepare(load_config(TrainConfig, recipe_path("small-cpu"), [f"data.corpus={args.data}"]))
+    mixture.prepare(load_config(TrainConfig, recipe_path("small-cpu"), [f"data.corpus={args.data}"]))
     cores = os.cpu_count() or 1
     cluster.connect(num_cpus=cores + 3)
     import ray

@@ -132,11 +132,11 @@ def main() -> None:
 
     # Data: the small-cpu recipe's (the full corpus at 512 tokens), prepared once.
     from odyssey.config import load_config
-    from train import data as train_data
+    from train import mixture
     from train.config import TrainConfig, recipe_path
 
     cfg = load_config(TrainConfig, recipe_path("small-cpu"), [f"data.corpus={args.data}"])
-    train_data.prepare(cfg)
+    mixture.prepare(cfg)
     blocks_dir = cfg.data.blocks_dir
 
     cluster.connect(num_cpus=cores + 3)  # up for every setting, the plain loop's included

@@ -127,15 +127,15 @@ def mup_curves(steps: int, batch: int = 4, seeds: tuple[int, ...] = (0,)) -> dic
     from odyssey.data import packing
     from odyssey.model import ModelConfig, Transformer, pad_vocab
     from odyssey.tasks import TASKS
-    from train import data as train_data
+    from train import mixture
     from train.config import TrainConfig, recipe_path
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config(TrainConfig, recipe_path("tiny-cpu"))
-    train_data.prepare(cfg)
-    manifest = train_data.read_manifest(cfg)
+    mixture.prepare(cfg)
+    manifest = mixture.read_manifest(cfg)
     train = [packing.read_blocks(cfg.data.blocks_dir, t, "train") for t in TASKS]
-    val = train_data.read_validation(cfg).values()  # what training evaluates on: 16 blocks per task
+    val = mixture.read_validation(cfg).values()  # what training evaluates on: 16 blocks per task
     train_ids = torch.from_numpy(np.concatenate([i for i, _ in train]).astype("int64"))
     train_mask = torch.from_numpy(np.concatenate([m for _, m in train]).astype(bool))
     val_ids = torch.from_numpy(np.concatenate([i for i, _ in val]).astype("int64"))

@@ -56,7 +56,7 @@ RAY_DATA_CHATTER = {
     # StreamingExecutor.shutdown after every execution that succeeded (one per task and epoch on every
     # worker). A failed one logs "⚠️ Dataset ... execution failed" instead: not matched, stays.
     "ray.data._internal.execution.streaming_executor": (r"Dataset \S+ execution finished in ",),
-    # get_progress_manager, a WARNING once per process: train/data.py turns the bars off on purpose
+    # get_progress_manager, a WARNING once per process: train/mixture.py turns the bars off on purpose
     # (in a worker's log they are noise; the training progress line says what matters).
     "ray.data._internal.progress": (r"^Progress bars disabled\. ",),
 }

@@ -292,7 +292,7 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         if self.cfg.max_seq_len < T:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        h = self._hidden(input_ids, self.rope_cos[:T], self.rope_sin[:T])
+        h = self.hidden_states(input_ids, self.rope_cos[:T], self.rope_sin[:T])
         logits = self._logits(h)
         if targets is None:
             return logits
@@ -302,7 +302,14 @@ class Transformer(nn.Module):
         mask = loss_mask.flatten().float()
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def _hidden(self, ids, cos, sin, mask=None, cache=None):
+    def hidden_states(self, ids, cos, sin, mask=None, cache=None):
+        """ids (B, T) -> final hidden states (B, T, D): the embedding lookup, every block, the final norm.
+
+        The backend seam: everything else (padding, masks, positions, the KV cache's bookkeeping, the
+        output projection, sampling) calls this one method, so a backend that runs the blocks elsewhere
+        replaces it alone (odyssey/ort_model.py: ONNX Runtime). cos, sin: `rope_at(positions)`, or
+        (T, E/2) slices of the tables when every row starts at position 0; mask (B, 1, T, S): which keys
+        each query sees (None: causal); cache: a KVCache whose `store` each layer calls."""
         x = self.tok_emb(ids)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
@@ -366,7 +373,8 @@ class Transformer(nn.Module):
         mask = (k_pos <= q_pos) & key_valid[:, None, :]  # (B, T, S)
         return (mask | (k_pos == q_pos)).unsqueeze(1)
 
-    def _rope_at(self, positions):  # positions (B, T) -> cos, sin (B, 1, T, E/2)
+    def rope_at(self, positions):
+        """positions (B, T) -> the rotary angles hidden_states takes: cos, sin (B, 1, T, E/2)."""
         return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
 
     @torch.no_grad()
@@ -380,7 +388,7 @@ class Transformer(nn.Module):
         cache = KVCache(self.cfg, B, max_len, ids.device, self.tok_emb.weight.dtype)
         cache.valid[:, :T] = valid
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # each row's real tokens count from 0
-        h = self._hidden(ids, *self._rope_at(positions), self._padded_mask(valid, 0, T), cache)
+        h = self.hidden_states(ids, *self.rope_at(positions), self._padded_mask(valid, 0, T), cache)
         cache.length = T
         cache.positions = valid.sum(1)
         return self._logits(h[:, -1]), cache
@@ -391,9 +399,9 @@ class Transformer(nn.Module):
         if cache.length >= cache.k.shape[3]:
             raise ValueError("the KV cache is full")
         cache.valid[:, cache.length] = True
-        cos, sin = self._rope_at(cache.positions[:, None])
+        cos, sin = self.rope_at(cache.positions[:, None])
         mask = self._padded_mask(cache.valid[:, : cache.length + 1], cache.length, 1)
-        h = self._hidden(next_ids[:, None], cos, sin, mask, cache)
+        h = self.hidden_states(next_ids[:, None], cos, sin, mask, cache)
         cache.length += 1
         cache.positions = cache.positions + 1
         return self._logits(h[:, -1])
@@ -444,7 +452,7 @@ class Transformer(nn.Module):
         if self.cfg.max_seq_len < T:
             raise ValueError(f"{T} tokens exceed max_seq_len={self.cfg.max_seq_len}")
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        h = self._hidden(ids, *self._rope_at(positions), self._padded_mask(valid, 0, T))  # (B, T, D)
+        h = self.hidden_states(ids, *self.rope_at(positions), self._padded_mask(valid, 0, T))  # (B, T, D)
         w = valid.unsqueeze(-1).type_as(h)
         pooled = (h * w).sum(1) / w.sum(1)
         return F.normalize(pooled.float(), dim=-1)
@@ -466,7 +474,7 @@ class Transformer(nn.Module):
         if self.cfg.max_seq_len < T:
             raise ValueError(f"{T} tokens exceed max_seq_len={self.cfg.max_seq_len}")
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        h = self._hidden(ids, *self._rope_at(positions), self._padded_mask(valid, 0, T))
+        h = self.hidden_states(ids, *self.rope_at(positions), self._padded_mask(valid, 0, T))
         logprobs = F.log_softmax(self._logits(h[:, :-1]).float(), dim=-1)  # predicts tokens 1..T-1
         token_lp = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
         # Rows are left-padded, so each continuation's tokens are the last len(c) predictions.

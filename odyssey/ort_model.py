@@ -4,7 +4,7 @@ outputs, and run by ONNX Runtime where the torch blocks ran.
     export(model, "model.onnx")               # torch.onnx (the dynamo exporter); batch, tokens, cache dynamic
     model, tokenizer, config = load(model_dir, threads=1)   # a Transformer whose blocks run in ONNX Runtime
 
-The graph is exactly `Transformer._hidden` (embedding lookup, every block, the final norm):
+The graph is exactly `Transformer.hidden_states` (embedding lookup, every block, the final norm):
 
     inputs   input_ids (B, T) int64
              cos, sin  (B, 1, T, E/2) float32   rotary angles of each token's position
@@ -63,7 +63,7 @@ class _Step(nn.Module):
 
     def forward(self, input_ids, cos, sin, mask, past_k, past_v):
         cache = _StepCache(past_k, past_v)
-        hidden = self.model._hidden(input_ids, cos, sin, mask, cache)
+        hidden = self.model.hidden_states(input_ids, cos, sin, mask, cache)
         return hidden, torch.stack(cache.new_k), torch.stack(cache.new_v)
 
 
@@ -83,7 +83,7 @@ def export(model: Transformer, path: str | Path, quantize: str | None = None) ->
     cfg = model.cfg
     B, T, P = 2, 3, 2  # example shapes for tracing; every one of them is dynamic in the file
     positions = torch.arange(P, P + T).expand(B, T)
-    cos, sin = model._rope_at(positions)
+    cos, sin = model.rope_at(positions)
     past = torch.zeros(cfg.n_layer, B, cfg.kv_heads, P, cfg.head_dim)
     example = (
         torch.zeros(B, T, dtype=torch.long),
@@ -139,7 +139,7 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 
 class OrtTransformer(Transformer):
-    """A Transformer whose `_hidden` runs in an ONNX Runtime session. It holds the embedding (the tied
+    """A Transformer whose `hidden_states` runs in an ONNX Runtime session. It holds the embedding (the tied
     output projection), the final norm and the rotary tables in torch; the blocks live in the graph."""
 
     def __init__(self, cfg, onnx_path: str | Path, threads: int = 1, n_params: int | None = None):
@@ -178,7 +178,7 @@ class OrtTransformer(Transformer):
     def num_params(self) -> int:
         return self.n_params if self.n_params is not None else super().num_params()
 
-    def _hidden(self, ids, cos, sin, mask=None, cache=None):
+    def hidden_states(self, ids, cos, sin, mask=None, cache=None):
         B, T = ids.shape
         cfg = self.cfg
         if mask is None:  # a whole causal sequence (the training forward): spell the causal mask out

@@ -17,9 +17,8 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
-from odyssey.data import corpus as corpus_mod
 from odyssey.data import packing
-from odyssey.data.corpus import CorpusConfig
+from odyssey.data.corpus import CorpusConfig, build_corpus, texts
 from odyssey.tokenizer import Tokenizer
 
 SEQ_LEN = 128
@@ -28,13 +27,13 @@ SEQ_LEN = 128
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "tiny"
-    corpus_mod.build_corpus(out, CorpusConfig.from_preset("tiny"))
+    build_corpus(out, CorpusConfig.from_preset("tiny"))
     return out
 
 
 @pytest.fixture(scope="session")
 def tokenizer(corpus_dir) -> Tokenizer:
-    tok = Tokenizer.train(corpus_mod.texts(corpus_dir, "train"), vocab_size=2048)
+    tok = Tokenizer.train(texts(corpus_dir, "train"), vocab_size=2048)
     tok.save(corpus_dir / "tokenizer.json")
     return tok
 

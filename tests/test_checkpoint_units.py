@@ -19,7 +19,9 @@ from train import checkpoint, events
 from train.checkpoint import DamagedCheckpoint
 
 
-def fake_checkpoint(run_dir: Path, step: int, world: int = 2, stage: int = 2) -> Path:
+def fake_checkpoint(
+    run_dir: Path, step: int, world: int = 2, stage: int = 2, metrics: dict | None = None
+) -> Path:
     """A checkpoint directory laid out as save() publishes it, with small files for shards."""
     path = run_dir / checkpoint.name(step)
     (path / checkpoint.TAG).mkdir(parents=True)
@@ -27,6 +29,7 @@ def fake_checkpoint(run_dir: Path, step: int, world: int = 2, stage: int = 2) ->
     for r in range(world):
         (path / checkpoint.TAG / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(500))
     meta = {"step": step, "tokens": step * 2048, "world_size": world, "zero_stage": stage, "data": {}}
+    meta |= {"metrics": metrics} if metrics is not None else {}
     (path / checkpoint.META).write_text(json.dumps(meta))
     files = {}
     for rank in range(world):
@@ -81,6 +84,17 @@ def test_only_published_checkpoints_are_listed_and_leftovers_go(tmp_path):
     assert checkpoint.remove_leftovers(tmp_path) == [half.name] and not half.exists()
     with pytest.raises(DamagedCheckpoint, match=r"no manifest\.json"):
         checkpoint.verify(tmp_path / checkpoint.name(24))
+
+
+def test_final_metrics_only_once_the_newest_intact_checkpoint_is_the_last_step(tmp_path):
+    """What a Tune trial restarted after its run ended reports (tune/trial.py), instead of training."""
+    assert checkpoint.final_metrics(tmp_path, 16) is None  # no checkpoint yet
+    fake_checkpoint(tmp_path, 8, metrics={"step": 8, "val_loss": 3.0})
+    assert checkpoint.final_metrics(tmp_path, 16) is None  # steps left to train
+    last = fake_checkpoint(tmp_path, 16, metrics={"step": 16, "val_loss": 2.5})
+    assert checkpoint.final_metrics(tmp_path, 16) == {"step": 16, "val_loss": 2.5}
+    (last / checkpoint.META).write_text("{}")  # damaged: its manifest no longer matches
+    assert checkpoint.final_metrics(tmp_path, 16) is None  # the run resumes from step 8
 
 
 def test_resharding_is_needed_across_world_sizes_and_stages_but_zero0_is_refused():

@@ -10,8 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from odyssey.data import corpus as corpus_mod
-from odyssey.data import legal
+from odyssey.data import corpus, legal
 from odyssey.data.corpus import CorpusConfig, build_corpus, read_split
 from odyssey.data.schema import SCHEMA, read_examples
 from odyssey.errors import OdysseyError, SchemaError
@@ -30,7 +29,7 @@ def all_rows(corpus_dir) -> list[dict]:
 
 
 def test_every_task_and_split_is_present(corpus_dir):
-    manifest = corpus_mod.read_manifest(corpus_dir)
+    manifest = corpus.read_manifest(corpus_dir)
     for task in TASKS:
         assert manifest["counts"][task]["train"] > 0, task
         assert sum(manifest["counts"][task].values()) == sum(
@@ -207,7 +206,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(corpus_mod.pq, "write_table", boom)
+    monkeypatch.setattr(corpus.pq, "write_table", boom)
     with pytest.raises(OSError, match="disk full"):
         build_corpus(
             tmp_path / "c", CorpusConfig.from_preset("none"), [write_jsonl(tmp_path / "g.jsonl", [GOOD])]

@@ -81,3 +81,12 @@ def test_int8_export_is_smaller_and_stays_close(pair, tmp_path):
     prompts = [[5, 6, 7], [9]]
     cosine = (int8.embed(prompts) * model.embed(prompts)).sum(-1)
     assert (cosine > 0.99).all()
+
+
+def test_the_backend_replaces_only_the_models_public_seam():
+    """OrtTransformer swaps `hidden_states` (the blocks) and nothing private of the torch model, so a
+    change inside odyssey/model.py cannot silently bypass the ONNX backend."""
+    from odyssey.ort_model import OrtTransformer
+
+    overridden = {n for n in vars(OrtTransformer) if hasattr(Transformer, n) and not n.startswith("__")}
+    assert overridden == {"hidden_states", "num_params"}

@@ -8,8 +8,8 @@ import pytest
 from odyssey.config import load_config
 from odyssey.errors import ConfigError
 from train.config import TrainConfig, recipe_path
-from train.data import MixtureLoader, TaskStream
 from train.engine import deepspeed_config
+from train.mixture import MixtureLoader, TaskStream
 
 
 def test_every_recipe_loads_and_its_batch_adds_up():

@@ -18,7 +18,7 @@ Resuming: the newest checkpoint whose files match its manifest (a damaged one is
 the run's events, and skipped). Written by another world size (or ZeRO stage), it is converted to
 DeepSpeed's universal format (`ds_to_universal`: each parameter's fp32 weights and optimizer moments
 whole, in one file per parameter) and loaded with `load_universal`, which repartitions it over the
-ranks at hand. The data position is global (train/data.py), so it carries over as it is.
+ranks at hand. The data position is global (train/mixture.py), so it carries over as it is.
 
 DeepSpeed's shards are torch pickles; they are our own files, loaded only to resume or to export, and
 only after their hashes match. What serving loads is the safetensors export.
@@ -210,6 +210,13 @@ def first_intact(candidates) -> tuple[Path | None, dict | None, list[str]]:
 
 def newest_intact(run_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
     return first_intact(reversed(published(run_dir)))
+
+
+def final_metrics(run_dir: Path, steps: int) -> dict | None:
+    """The metrics of the run's last step when its newest intact checkpoint is that step (the run has
+    nothing left to train), else None."""
+    _, meta, _ = newest_intact(run_dir)
+    return meta.get("metrics") if meta is not None and meta["step"] >= steps else None
 
 
 def find(path: str | Path, best: bool = False) -> Path:

@@ -24,13 +24,13 @@ from odyssey import cluster, entrypoint, failpoints
 from odyssey.config import load_config, to_dict
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import pad_vocab
-from train import data as train_data
+from train import mixture
 from train.config import CONFIG_DIR, TrainConfig, recipe_path
 
 log = logging.getLogger("train")
 
 
-def resolve(cfg: TrainConfig) -> tuple[TrainConfig, train_data.DataPlan]:
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, mixture.DataPlan]:
     """The one config of the run, resolved once on the driver: absolute paths (workers may run
     elsewhere) and the model sized to the data (vocabulary, context). Workers, checkpoints, the run's
     config.yaml and export all read this object. Returns it with the run's data plan."""
@@ -38,7 +38,7 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, train_data.DataPlan]:
         cfg.data, corpus=str(Path(cfg.data.corpus).resolve()), blocks=str(Path(cfg.data.blocks_dir).resolve())
     )
     cfg = replace(cfg, data=data, storage=str(Path(cfg.storage).resolve()))
-    plan = train_data.plan(cfg)
+    plan = mixture.plan(cfg)
     model = replace(
         cfg.model, vocab_size=pad_vocab(plan.manifest["vocab_size"]), max_seq_len=cfg.data.seq_len
     )

@@ -8,7 +8,7 @@ torchtitan's train / train_step / forward_backward_step: each part a named metho
 
 This function runs again whenever Ray Train restarts the worker group: after a worker failure
 (`max_failures`) or, for an elastic run, at another size. The learning rate is a pure function of the
-step (odyssey/optim.py) and the data position is global (train/data.py), so a resume, at any size,
+step (odyssey/optim.py) and the data position is global (train/mixture.py), so a resume, at any size,
 continues the uninterrupted run.
 Every log_every steps: a progress line, metrics.jsonl and TensorBoard (rank 0). At every evaluation
 and checkpoint: `ray.train.report`, what the Ray dashboard shows (a report is a barrier: not every step).
@@ -28,8 +28,7 @@ import torch.distributed as dist
 
 from odyssey import flops, logs, optim
 from odyssey.config import from_dict, to_dict
-from train import checkpoint, events
-from train import data as train_data
+from train import checkpoint, events, mixture
 from train.config import TrainConfig
 from train.engine import build_engine, loop_clips_gradients
 from train.metrics import RunLog, console, memory_gb, peak_flops_per_device
@@ -84,7 +83,7 @@ class Worker:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         logs.quiet()  # the libraries' routine notices (odyssey/logs.py), whatever started this run
         data_state, event = self._resume(config["launch_id"], ctx.get_local_rank())
-        self.loader = train_data.make_loader(
+        self.loader = mixture.make_loader(
             cfg, config["mixture"], config["rows_per_epoch"], self.rank, self.world, data_state
         )
         self.grad_accum = cfg.grad_accum_steps(self.world)
@@ -127,12 +126,6 @@ class Worker:
         if self.rank == 0:
             how = f", resharded from {meta['world_size']} workers to {self.world}" if self.resharded else ""
             console(f"resumed from {ckpt_dir} at step {self.step} ({self.tokens:,} tokens){how}")
-        if self.step >= cfg.steps and "metrics" in meta:
-            import ray.train
-
-            # Relaunched after its last checkpoint: nothing to train, but whoever watches the reports (a Tune
-            # trial restarted after an interruption) must still see the run's final metrics.
-            ray.train.report(meta["metrics"])
         return meta["data"], event
 
     def _record_start(self, event: dict) -> None:

@@ -28,7 +28,7 @@ from odyssey.atomic import write_text
 from odyssey.config import flatten_keys, from_dict, load_config, read_yaml, set_values, to_dict
 from odyssey.errors import ConfigError
 from odyssey.model import ModelConfig
-from train import data as train_data
+from train import mixture
 from train.config import TrainConfig, recipe_path
 from tune import results, space
 from tune.config import CONFIG_DIR, Plan, SweepConfig, sweep_path
@@ -157,7 +157,7 @@ def _prepare_data(p: Plan) -> None:
     seq_lens = next((q.values for q in p.params if q.field == "data.seq_len" and q.discrete), (None,))
     for seq_len in seq_lens:
         values = {} if seq_len is None else {"data.seq_len": seq_len}
-        train_data.plan(space.train_config(p.base, values))  # a missing dataset: an error now, not per trial
+        mixture.plan(space.train_config(p.base, values))  # a missing dataset: an error now, not per trial
 
 
 def _concurrency(cfg: SweepConfig, need_cpu: float) -> int:

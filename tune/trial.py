@@ -7,10 +7,13 @@ and checkpoints) reaches Tune through TuneReportCallback, so ASHA sees the valid
 and can stop the trial; stopping the trial ends its worker group with it.
 
 The training run is named after the trial and kept under the sweep directory: a sweep resumed after an
-interruption restarts an unfinished trial, and its training run resumes from its own latest checkpoint.
+interruption restarts an unfinished trial, and its training run resumes from its own latest checkpoint;
+a trial whose run had already written its last checkpoint reports that checkpoint's metrics and ends.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from tune import space
 
@@ -19,7 +22,12 @@ def run_trial(params: dict, *, base: dict, trials_dir: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from train import launch
+    from train import checkpoint, launch
 
     run = {"name": tune.get_context().get_trial_id(), "storage": trials_dir}
-    launch.run(space.train_config(base, {**params, **run}), callbacks=[TuneReportCallback()])
+    cfg = space.train_config(base, {**params, **run})
+    final = checkpoint.final_metrics(Path(trials_dir) / cfg.name, cfg.steps)
+    if final is not None:  # restarted after its run's last checkpoint: Tune still needs the run's result
+        tune.report(final)
+        return
+    launch.run(cfg, callbacks=[TuneReportCallback()])

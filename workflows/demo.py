@@ -1,7 +1,7 @@
 """`odyssey demo` (`make demo`): the whole system on this machine, top to bottom.
 
     local Ray cluster (loopback, token auth)
-      -> corpus + tokenizer + token blocks        (train/data.py, on the driver)
+      -> corpus + tokenizer + token blocks        (train/mixture.py, on the driver)
       -> pretrain `tiny` on 2 workers, ZeRO-2     (Ray Train + DeepSpeed: train/launch.py)
       -> export the best checkpoint               (safetensors + ONNX: train/export.py)
       -> evaluate it, one Ray task per shard      (odyssey/evaluation)
@@ -131,10 +131,10 @@ def plot_loss(run_dir: Path, path: Path) -> Path:
 
 def requests_from(corpus: Path) -> list[tuple[str, str, dict | None]]:
     """One request per endpoint, built from held-out examples: (method, path, body)."""
-    from odyssey.data import corpus as corpus_mod
+    from odyssey.data.corpus import read_split
 
     def first(task: str) -> dict:
-        return corpus_mod.read_split(corpus, task, "test").slice(0, 1).to_pylist()[0]
+        return read_split(corpus, task, "test").slice(0, 1).to_pylist()[0]
 
     return [
         ("GET", "/healthz", None),

@@ -22,7 +22,7 @@ import numpy as np
 
 from odyssey import artifact, atomic
 from odyssey.bm25 import BM25
-from odyssey.data import corpus as corpus_mod
+from odyssey.data.corpus import read_manifest, read_split
 from odyssey.errors import OdysseyError
 from odyssey.evaluation import inference, metrics
 from odyssey.evaluation.inference import AnswerSettings
@@ -63,7 +63,7 @@ def _jobs(corpus: Path, tasks: list[str], split: str, limit: int | None, shard_r
     """[(kind, items)] and, for `find`, the passages and each query's right passage."""
     jobs, find = [], None
     for task in tasks:
-        table = corpus_mod.read_split(corpus, task, split)
+        table = read_split(corpus, task, split)
         rows = table.slice(0, limit if limit is not None else table.num_rows).to_pylist()
         if task == "find":
             passages = list(dict.fromkeys(r["target"] for r in rows))  # unique, in order
@@ -144,7 +144,7 @@ def evaluate(
     if (limit is not None and limit < 1) or shard_rows < 1:
         raise OdysseyError("--limit and shard rows must be >= 1")
     config = artifact.read_config(model)  # a clear error before any task starts
-    corpus_mod.read_manifest(corpus)
+    read_manifest(corpus)
     t0 = time.perf_counter()
     jobs, find = _jobs(corpus, tasks, split, limit, shard_rows)
     cluster.connect()  # before importing ray: it reads its auth mode once, on import

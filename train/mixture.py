@@ -1,4 +1,4 @@
-"""Training data: packed blocks (odyssey/data/packing.py) streamed to the workers by Ray Data.
+"""The task mixture a run trains on: packed blocks (odyssey/data/packing.py) streamed to the workers by Ray Data.
 
 Driver side: one Ray Dataset per task of the mixture, order preserved. data.load = stream: read lazily
 from the Parquet shards (any size). data.load = memory: read by the driver and streamed from memory (small
@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odyssey.data import corpus as corpus_mod
 from odyssey.data import packing
-from odyssey.data.corpus import CorpusConfig
+from odyssey.data.corpus import CorpusConfig, build_corpus, texts
 from odyssey.errors import ConfigError
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
@@ -76,10 +75,10 @@ def prepare(cfg: TrainConfig) -> None:
         return
     if not (corpus_dir / MANIFEST).is_file():
         log.info("preparing data: building the %s corpus in %s", cfg.data.prepare_preset, corpus_dir)
-        corpus_mod.build_corpus(corpus_dir, CorpusConfig.from_preset(cfg.data.prepare_preset, seed=cfg.seed))
+        build_corpus(corpus_dir, CorpusConfig.from_preset(cfg.data.prepare_preset, seed=cfg.seed))
     tok_path = corpus_dir / "tokenizer.json"
     if not tok_path.is_file():
-        Tokenizer.train(corpus_mod.texts(corpus_dir, "train"), cfg.data.vocab_size).save(tok_path)
+        Tokenizer.train(texts(corpus_dir, "train"), cfg.data.vocab_size).save(tok_path)
     packing.pack_corpus(corpus_dir, Tokenizer.load(tok_path), cfg.data.seq_len, blocks_dir, seed=cfg.seed)
 
 
