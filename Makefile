@@ -11,9 +11,9 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx soak
+BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx soak demo autoscaler
 
-.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx bench-soak setup clean
+.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx bench-soak bench-demo bench-autoscaler setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache --no-logo
 
-# Every benchmark that runs on a CPU machine (~130 minutes on 2 cores), then the README's results table
+# Every benchmark that runs on a CPU machine (~150 minutes on 2 cores), then the README's results table
 # from their JSON. Some: make bench BENCHES="onnx data". (bench/gpu_train.sh needs a GPU machine.)
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
@@ -52,6 +52,12 @@ bench-onnx: $(STAMP)  # ~3 minutes on 2 cores
 
 bench-soak: $(STAMP)  # 30 minutes (ARGS="--minutes 10" for less)
 	$(BIN)/python bench/soak.py $(ARGS)
+
+bench-demo: $(STAMP)  # ~15 minutes on 2 cores: `odyssey demo`, then its model under ONNX Runtime
+	$(BIN)/python bench/demo.py $(ARGS)
+
+bench-autoscaler: $(STAMP)  # ~5 minutes on 2 cores: the README's laptop workflow, timed
+	$(BIN)/python bench/autoscaler.py $(ARGS)
 
 setup: $(STAMP)
 

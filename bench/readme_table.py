@@ -112,6 +112,23 @@ def soak(f: dict) -> list[tuple]:
     ]
 
 
+def demo(f: dict) -> list[tuple]:
+    d, q = f["demo"], f["quality"]
+    ppl = {b: q[b]["lm.perplexity"] for b in ("torch", "onnxruntime", "onnxruntime_int8")}
+    return [
+        (f"`odyssey demo`, end to end without set-up (s; {f['matmul_gflops']} GFLOP/s matmul that day)", f"{d['wall_s']:.0f}", "", None),
+        ("the demo's model, whole test split: perplexity under ONNX Runtime float32 / int8 vs torch", f"{ppl['onnxruntime']:.2f} / {ppl['onnxruntime_int8']:.2f}", f"{ppl['torch']:.2f}", None),
+    ]  # fmt: skip
+
+
+def autoscaler(f: dict) -> list[tuple]:
+    added, gone = f["last_gpu_node_added_s_median"], f["gone_after_job_s_median"]
+    return [
+        ("local autoscaler: both fake-GPU nodes alive after a job's submit (median, s)", f"{added}", "target 60", 60 / added),
+        (f"local autoscaler: GPU nodes gone after the job (median, s; idle timeout {f['idle_timeout_s']} s)", f"{gone}", "target 60", 60 / gone),
+    ]  # fmt: skip
+
+
 HEADLINES = {
     "data": data,
     "train_throughput": train_throughput,
@@ -121,6 +138,8 @@ HEADLINES = {
     "elastic": elastic,
     "onnx": onnx,
     "soak": soak,
+    "demo": demo,
+    "autoscaler": autoscaler,
 }
 
 

@@ -62,6 +62,9 @@ def commit() -> dict:
     return {"sha": sha, "dirty": bool(changed) if sha else None}
 
 
+STARTED = commit()  # the code that runs is the code of the bench's start, whatever changes meanwhile
+
+
 def write(
     name: str, figures: dict, targets: dict, table: list[tuple[str, str, str]], notes: str = ""
 ) -> Path:
@@ -71,7 +74,7 @@ def write(
         "bench": name,
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "commit": commit(),
+        "commit": STARTED,
         "figures": figures,
         "targets": targets,
     }

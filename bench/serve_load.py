@@ -9,6 +9,7 @@ One freshly initialised model (weights do not change the cost) with the corpus t
   3. Sweep concurrency over /v1/completions (16 tokens) and /v1/moderate, with batching
      (max_batch_size 32) and without (1, the same app redeployed in place), and the same work in
      process as one ideal batch per level.
+Every request carries an API key: the gateway checks it, as shipped (gateway.auth).
 Writes bench/results/serve_load.json, .md and .png. Bounded: a fixed number of requests per level.
 """
 
@@ -41,6 +42,7 @@ from serve.generation import BatchDecoder, GenerationParams
 
 GEN_TOKENS = 16
 MOD_TEXT = "Please call me back at the number I gave you yesterday, it is about the invoice."
+AUTH = {"Authorization": "Bearer sk-odyssey-bench"}  # gateway.auth is on as shipped: every request is checked
 TARGETS = {"batching_speedup_at_32": 4.0, "kv_cache_speedup_128": 5.0, "added_p50_vs_noop_p50": 2.0}
 
 
@@ -135,7 +137,7 @@ async def load(base: str, kind: str, c: int, n: int) -> dict:
                 tokens += r.json()["usage"]["completion_tokens"]
 
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=300, limits=limits) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(c)))
         seconds = time.perf_counter() - t0
@@ -153,7 +155,7 @@ def sequential_p50(url: str, body: dict | None, n: int) -> float:
     import httpx
 
     times = []
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(headers=AUTH, timeout=60) as http:  # every target gets the header; the no-ops ignore it
         for i in range(n + 10):
             t0 = time.perf_counter()
             r = http.post(url, json=body) if body is not None else http.get(url)
@@ -239,7 +241,9 @@ def main() -> None:
         try:
             serve.run(Noop.bind(), name="noop", route_prefix="/noop")
             serve.run(FastAPINoop.bind(), name="fastapi-noop", route_prefix="/fastapi-noop")
+            (Path(tmp) / "api_keys").write_text(AUTH["Authorization"].removeprefix("Bearer ") + "\n")
             app_args = {
+                "gateway": {"api_keys_file": str(Path(tmp) / "api_keys")},  # API keys on, as shipped
                 "model_path": str(model_dir),
                 "max_batch_size": 32,
                 "documents": str(Path(tmp) / "corpus" / "documents"),

@@ -88,7 +88,6 @@ class Soak:
     def start(self) -> None:
         port = cluster.free_port()
         overrides = [
-            "gateway.auth=true",
             "model.min_replicas=2",
             "model.max_replicas=2",
             "model.num_cpus=0.5",

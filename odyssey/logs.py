@@ -88,6 +88,13 @@ DRIVER_SKIP_REGEX = (
 )
 DEDUP_SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
 
+# What an error looks like in the log of any of our commands (a successful run has none).
+ERROR_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d E "  # ours (odyssey's logging format)
+    r"|\[\d{4}-\d\d-\d\d [\d:,]+ E \d+"  # Ray's C++ processes
+    r"|\bERROR\b|Traceback \(most recent call last\)"  # Python's logging in Ray's format, tracebacks
+)
+
 
 class _HideOnConsole(logging.Filter):
     """Marks a record below ERROR whose message matches one of `patterns` as `hide` (Ray Data's console

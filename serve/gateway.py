@@ -25,10 +25,8 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import time
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,7 +38,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from serve import schemas
+from serve import api_keys, schemas
 from serve.errors import (
     InputTooLong,
     InvalidRequest,
@@ -76,25 +74,9 @@ class GatewaySettings(BaseModel):
     max_tokens: int = Field(256, ge=1)  # the cap on any request's max_tokens
     request_timeout_s: float = Field(60.0, gt=0)  # per call downstream (per chunk when streaming) -> 504
     retry_after_s: int = Field(1, ge=0)  # Retry-After of a 503
-    auth: bool = False  # require `Authorization: Bearer <key>` on /v1/*
+    auth: bool = True  # require `Authorization: Bearer <key>` on /v1/* (serve/api_keys.py)
     api_keys_env: str = "ODYSSEY_API_KEYS"  # comma-separated keys, read by each replica at start
-    api_keys_file: str | None = None  # one key per line
-
-
-def load_key_digests(settings: GatewaySettings) -> set[bytes]:
-    keys = [k for k in os.environ.get(settings.api_keys_env, "").split(",")]
-    if settings.api_keys_file:
-        path = Path(settings.api_keys_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"api_keys_file {path} does not exist")
-        keys += path.read_text(encoding="utf-8").splitlines()
-    digests = {hashlib.sha256(k.strip().encode()).digest() for k in keys if k.strip()}
-    if settings.auth and not digests:
-        raise ValueError(
-            f"auth is on but there are no API keys: set {settings.api_keys_env} (comma-separated) "
-            "in the replica's environment or api_keys_file"
-        )
-    return digests
+    api_keys_file: str | None = None  # one key per line; None: $ODYSSEY_HOME/api_keys (~/.odyssey)
 
 
 def request_id() -> str:
@@ -204,7 +186,7 @@ class Gateway:
             coder,
         )
         self.settings = GatewaySettings(**(settings or {}))
-        self.key_digests = load_key_digests(self.settings)
+        self.key_digests = api_keys.digests(self.settings)
         self.model_id: str | None = None  # learnt from the model's answers; /v1/models asks afresh
 
     def __serve_build_asgi_app__(self) -> FastAPI:

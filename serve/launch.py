@@ -1,7 +1,8 @@
 """`odyssey serve`: deploy the app of serve/config.yaml with a model path filled in, and return once
 every endpoint answers.
 
-    odyssey serve --model runs/demo/model [--port 8000] [--set gateway.auth=true ...]
+    odyssey serve --model runs/demo/model [--port 8000] [--set model.max_replicas=4 ...]
+    odyssey serve key          # the API key clients send (API keys are on as shipped: serve/api_keys.py)
     odyssey serve stop
 
 Where it deploys: the cluster whose dashboard --address (or RAY_DASHBOARD_ADDRESS) names; else the
@@ -26,6 +27,7 @@ import yaml
 from odyssey import artifact, cluster
 from odyssey.config import apply_overrides
 from odyssey.errors import ConfigError, OdysseyError
+from serve import api_keys
 
 CONFIG = Path(__file__).with_name("config.yaml")
 APP = "odyssey"
@@ -36,9 +38,8 @@ def state_file() -> Path:
     return cluster.state_file("serve")
 
 
-def serve_config(config_path: Path, model: Path, port: int | None, overrides: list[str]) -> dict:
-    """The whole Serve config: the file, with the model path (absolute: replicas run elsewhere) and
-    --set overrides of the app's args; validated by check_config."""
+def read_config(config_path: Path, overrides: list[str]) -> tuple[dict, dict]:
+    """(the whole Serve config file, its app with --set overrides applied to the app's args)."""
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
@@ -47,10 +48,16 @@ def serve_config(config_path: Path, model: Path, port: int | None, overrides: li
     app = next((a for a in config.get("applications", []) if a.get("name") == APP), None)
     if app is None:
         raise OdysseyError(f"{config_path} has no application named {APP!r}")
+    app["args"] = apply_overrides(app.get("args") or {}, overrides)
+    return config, app
+
+
+def serve_config(config_path: Path, model: Path, port: int | None, overrides: list[str]) -> dict:
+    """The whole Serve config: the file, with the model path (absolute: replicas run elsewhere) and
+    --set overrides of the app's args; validated by check_config."""
+    config, app = read_config(config_path, overrides)
     artifact.read_config(model)  # a clear error when it is not an exported model
-    args = apply_overrides(app.get("args") or {}, overrides)
-    args["model_path"] = str(model.resolve())
-    app["args"] = args
+    app["args"]["model_path"] = str(model.resolve())
     if port is not None:
         config.setdefault("http_options", {})["port"] = port
     try:
@@ -143,13 +150,42 @@ def probe(base: str, headers: dict) -> dict[str, int]:
         return {path: http.request(method, path, json=body).status_code for method, path, body in calls}
 
 
-def api_key_headers(config: dict) -> dict:
-    """The Authorization header of the app's first API key (from this environment), if it has any."""
+def gateway_settings(config: dict):
+    """The app's GatewaySettings (auth, where its API keys come from)."""
     from serve.app import AppArgs
 
-    keys_env = AppArgs(**config["applications"][0]["args"]).gateway.api_keys_env
-    keys = os.environ.get(keys_env, "")
-    return {"Authorization": f"Bearer {keys.split(',')[0].strip()}"} if keys.strip() else {}
+    app = next(a for a in config["applications"] if a["name"] == APP)
+    return AppArgs(**app["args"]).gateway
+
+
+def client_headers(config: dict) -> dict:
+    """The Authorization header of the app's first API key (this machine's), with auth on."""
+    settings = gateway_settings(config)
+    found = api_keys.keys(settings) if settings.auth else []
+    return api_keys.headers(found[0] if found else None)
+
+
+def key(config_path: Path = CONFIG, overrides: list[str] | None = None) -> str:
+    """`odyssey serve key`: the API key clients send to the app of `config_path` on this machine,
+    written first when there is none."""
+    config, _ = read_config(config_path, overrides or [])
+    settings = gateway_settings(config)
+    if not settings.auth:
+        raise OdysseyError(f"gateway.auth is off in {config_path} (or --set): the API takes no key")
+    return _first_key(settings)
+
+
+def _first_key(settings) -> str | None:
+    """The key `odyssey serve` probes with; with auth on and no key anywhere, a new one, and the
+    operator is told which (the first run on a machine)."""
+    found, created = api_keys.ensure(settings)
+    if created:
+        print(
+            f"API keys are on (gateway.auth): wrote a new key to {api_keys.key_file(settings)} (owner-only).\n"
+            f"Clients send `Authorization: Bearer <key>`; `odyssey serve key` prints it again:\n  {found}",
+            file=sys.stderr,
+        )
+    return found
 
 
 def deploy(
@@ -162,6 +198,7 @@ def deploy(
 ) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is first imported, just below
     config = serve_config(config_path, model, port, overrides or [])
+    key = _first_key(gateway_settings(config))  # before any replica starts: they read the key file
     dashboard, started = find_or_start_cluster(address)
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
@@ -179,7 +216,7 @@ def deploy(
     wait_running(client, deadline - time.monotonic())
     host = config.get("http_options", {}).get("host", "127.0.0.1")
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{wanted}"
-    headers = api_key_headers(config)
+    headers = api_keys.headers(key)
     deadline = time.monotonic() + 120
     while True:  # the proxy may need a moment after the app turns RUNNING
         try:
@@ -201,6 +238,7 @@ def deploy(
         "dashboard": dashboard,
         "cluster": "started" if started else "joined",
         "model": config["applications"][0]["args"]["model_path"],
+        "auth": "Authorization: Bearer $(odyssey serve key)" if key else "off (gateway.auth=false)",
         "stop": "odyssey serve stop",
     }
 

@@ -126,3 +126,21 @@ def test_stop_commands_stop_only_what_this_checkout_started(tmp_path):
             [sys.executable, "-m", "workflows", *args], env=env, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_serve_key_writes_one_key_then_prints_it(tmp_path):
+    """`odyssey serve key`: API keys are on as shipped; the first call on a machine writes the key
+    (owner-only) and says where, later ones print the same key; with auth off there is no key to print."""
+    env = {**os.environ, "ODYSSEY_HOME": str(tmp_path)}
+    env.pop("ODYSSEY_API_KEYS", None)
+
+    def key(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "workflows", "serve", "key", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    first, again = key(), key()
+    assert first.returncode == 0 and f"wrote a new key to {tmp_path / 'api_keys'}" in first.stderr
+    assert first.stdout.strip() == again.stdout.strip() == (tmp_path / "api_keys").read_text().strip()
+    assert "wrote" not in again.stderr
+    off = key("--set", "gateway.auth=false")
+    assert off.returncode == 2 and "gateway.auth is off" in off.stderr

@@ -48,6 +48,7 @@ def test_cloud_files_scale_gpus_from_zero_with_spot_and_a_cpu_type(name):
     starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert raw["file_mounts"]["~/.odyssey/api_keys"] == "~/.odyssey/api_keys"  # API keys on every node
 
 
 def test_constraints_pin_what_this_client_runs():
@@ -73,6 +74,11 @@ def test_constraints_pin_what_this_client_runs():
             r"worker_start_ray_commands\[1\]: start Ray with RAY_AUTH_MODE=token",
         ),
         ("gcp.yaml", lambda c: c["file_mounts"].pop("~/.ray/auth_token"), r"file_mounts: ship the token"),
+        (
+            "aws.yaml",
+            lambda c: c["file_mounts"].pop("~/.odyssey/api_keys"),
+            r"file_mounts: ship the HTTP API's keys",
+        ),
         (
             "gcp.yaml",
             lambda c: c["available_node_types"]["gpu-h100"].update(resources={"CPU": 8, "GPU": "eight"}),

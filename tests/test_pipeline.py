@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from odyssey import cluster
+from odyssey import cluster, logs
 from serve import launch
 
 BIN = Path(sys.executable).parent
@@ -42,8 +41,8 @@ ENDPOINTS = [
 class SteadyLoad:
     """Clients in threads calling two endpoints back to back; every outcome recorded."""
 
-    def __init__(self, base: str, clients: int = 2):
-        self.base, self.stop, self.outcomes = base, threading.Event(), []
+    def __init__(self, base: str, auth: dict, clients: int = 2):
+        self.base, self.auth, self.stop, self.outcomes = base, auth, threading.Event(), []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
     def _run(self, i: int) -> None:
@@ -51,7 +50,7 @@ class SteadyLoad:
             ("/v1/completions", {"prompt": f"client {i}", "max_tokens": 8}),
             ("/v1/moderate", {"text": "hello"}),
         ]
-        with httpx.Client(base_url=self.base, timeout=60) as http:
+        with httpx.Client(base_url=self.base, headers=self.auth, timeout=60) as http:
             n = 0
             while not self.stop.is_set():
                 path, body = calls[n % 2]
@@ -79,7 +78,12 @@ def home(tmp_path_factory):
     env = {**os.environ, "ODYSSEY_HOME": str(home)}
     for name in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # the session cluster's
         env.pop(name, None)
-    return SimpleNamespace(path=home, env=env)
+    return SimpleNamespace(path=home, env=env, auth=lambda: {"Authorization": f"Bearer {key_in(home)}"})
+
+
+def key_in(home: Path) -> str:
+    """The API key the first `odyssey serve` of this ODYSSEY_HOME wrote (API keys are on as shipped)."""
+    return (home / "api_keys").read_text().strip()
 
 
 def odyssey(env: dict, *args: str, timeout: float = 600, ok: bool = True) -> subprocess.CompletedProcess:
@@ -102,7 +106,9 @@ def other_app(home, exported_models):
     head = cluster.LocalHead.load(state)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
-        yield SimpleNamespace(url=last_json(started)["url"], head=head, state=state, record=state.read_text())
+        yield SimpleNamespace(
+            url=last_json(started)["url"], head=head, state=state, record=state.read_text(), run=started
+        )
     finally:
         stopped = odyssey(home.env, "serve", "stop", ok=False)
         if head is not None:
@@ -141,9 +147,22 @@ def demo(home, other_app, tmp_path_factory):
         assert not state.exists()
 
 
-def serving_id(url: str) -> str:
+def serving_id(url: str, auth: dict) -> str:
     # A rollout starts every replica anew on 2 shared cores: the proxy may take a while to answer.
-    return httpx.get(f"{url}/v1/models", timeout=120).json()["data"][0]["root"]
+    return httpx.get(f"{url}/v1/models", headers=auth, timeout=120).json()["data"][0]["root"]
+
+
+def test_the_first_serve_on_a_machine_writes_an_api_key_and_says_which(other_app, home):
+    """API keys are on as shipped: the first `odyssey serve` of a machine (an ODYSSEY_HOME) with no key
+    writes one, owner-only, and tells the operator; `odyssey serve key` prints it; /v1/* wants it."""
+    key = key_in(home.path)
+    assert f"wrote a new key to {home.path / 'api_keys'} (owner-only)" in other_app.run.stderr
+    assert key in other_app.run.stderr and key not in other_app.run.stdout  # the summary holds no secret
+    assert (home.path / "api_keys").stat().st_mode & 0o777 == 0o600
+    assert last_json(other_app.run)["auth"] == "Authorization: Bearer $(odyssey serve key)"
+    assert odyssey(home.env, "serve", "key").stdout.strip() == key
+    assert httpx.get(f"{other_app.url}/v1/models", timeout=30).status_code == 401
+    assert httpx.get(f"{other_app.url}/v1/models", headers=home.auth(), timeout=30).status_code == 200
 
 
 @pytest.mark.slow
@@ -188,18 +207,11 @@ def test_the_demo_trains_evaluates_serves_and_answers_every_endpoint(demo):
     assert_quiet(demo.run.stdout + demo.run.stderr)
 
 
-ERROR_LINE = re.compile(
-    r"^\d\d:\d\d:\d\d E "  # ours (odyssey's logging format)
-    r"|\[\d{4}-\d\d-\d\d [\d:,]+ E \d+"  # Ray's C++ processes
-    r"|\bERROR\b|Traceback \(most recent call last\)"  # Python's logging in Ray's format, tracebacks
-)
-
-
 def assert_quiet(log: str) -> None:
     """A successful run's log: no Python dict dumps, no error-level line, no line twice."""
     lines = [line for line in log.splitlines() if line.strip()]
     assert not [line for line in lines if "TrainingReport(" in line or "metrics={" in line]
-    errors = [i for i, line in enumerate(lines) if ERROR_LINE.search(line)]
+    errors = [i for i, line in enumerate(lines) if logs.ERROR_LINE.search(line)]
     assert not errors, "\n".join(lines[errors[0] : errors[0] + 40]) if errors else ""
     twice = [line for line, n in collections.Counter(lines).items() if n > 1]
     assert not twice, twice
@@ -257,12 +269,13 @@ def test_another_checkout_neither_sees_nor_stops_these_clusters(demo, other_app,
 
 @pytest.mark.slow
 def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_load(
-    demo, other_app, tmp_path
+    demo, other_app, home, tmp_path
 ):
+    auth = home.auth()
     run_dir = Path(demo.summary["run_dir"])
     config = tmp_path / "serve.yaml"
     config.write_text(launch.CONFIG.read_text().replace("port: 8000", f"port: {demo.port}"))
-    served = serving_id(demo.url)  # the demo's model: the run's best checkpoint (step 40)
+    served = serving_id(demo.url, auth)  # the demo's model: the run's best checkpoint (step 40)
     gate = ["--serve-config", str(config), "--metrics", "lm.perplexity", "--limit", "8"]
     gate += [
         "--address",
@@ -275,7 +288,7 @@ def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_l
     assert refused["promoted"] is False and refused["why"].startswith("worse on lm.perplexity")
     m = refused["metrics"]["lm.perplexity"]
     assert m["candidate"] > m["serving"]
-    assert serving_id(demo.url) == served and config.read_text() == before
+    assert serving_id(demo.url, auth) == served and config.read_text() == before
     assert json.loads((Path(refused["record"]) / "decision.json").read_text())["promoted"] is False
 
     # The operator swaps in step 30 (the export the refusal made) with `serve deploy` of the config...
@@ -289,16 +302,16 @@ def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_l
     )  # fmt: skip
     assert deploy.returncode == 0, deploy.stderr[-3000:]
     deadline = time.monotonic() + 120
-    while serving_id(demo.url) == served:
+    while serving_id(demo.url, auth) == served:
         assert time.monotonic() < deadline, "serve deploy never swapped the model"
         time.sleep(0.5)
     # ...then promotes the run under steady load: its best checkpoint beats step 30.
-    with SteadyLoad(demo.url) as load:
+    with SteadyLoad(demo.url, auth) as load:
         time.sleep(1)
         promoted = demo.odyssey("promote", str(run_dir), *gate)
         time.sleep(1)
     assert promoted["promoted"] is True and promoted["checkpoint"].endswith("checkpoint_step0000040")
-    assert serving_id(demo.url) == promoted["candidate_id"]
+    assert serving_id(demo.url, auth) == promoted["candidate_id"]
     assert len(load.outcomes) > 10
     assert set(load.outcomes) == {200}, {o: load.outcomes.count(o) for o in set(load.outcomes)}
     best = run_dir / "exported" / "checkpoint_step0000040"
@@ -306,18 +319,18 @@ def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_l
 
     # The passage index follows the model: BM25 alone until re-embedded, then hybrid again.
     deadline = time.monotonic() + 120
-    while (found := httpx.post(f"{demo.url}/v1/find", json={"query": "license"}, timeout=30).json())[
-        "mode"
-    ] != "hybrid":
+    while (
+        found := httpx.post(f"{demo.url}/v1/find", json={"query": "license"}, headers=auth, timeout=30).json()
+    )["mode"] != "hybrid":
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert found["model"] == promoted["candidate_id"]
 
     # `odyssey demo stop` takes the demo's app and cluster down, and nothing else.
-    other = serving_id(other_app.url)
+    other = serving_id(other_app.url, auth)
     down = demo.odyssey("demo", "stop")
     assert down["dashboard"] == demo.summary["dashboard"]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{demo.url}/healthz", timeout=5)
     assert not cluster.session_processes(demo.head.pid), "the demo's processes outlived `odyssey demo stop`"
-    assert serving_id(other_app.url) == other and other_app.head.alive()
+    assert serving_id(other_app.url, auth) == other and other_app.head.alive()

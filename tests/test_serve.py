@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from odyssey import cluster
+from serve import api_keys
 from serve.app import AppArgs, build_app
+from serve.gateway import GatewaySettings
 from serve.passages import load_documents, split_documents
 
 
@@ -26,12 +28,21 @@ def served(ray_cluster, exported_models, corpus_dir, tmp_path_factory):
     port = cluster.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     documents = str(corpus_dir / "documents")
+    key_file = tmp_path_factory.mktemp("keys") / "api_keys"
+    gateway = GatewaySettings(api_keys_file=str(key_file))  # API keys on, as shipped
+    key, _ = api_keys.ensure(gateway)  # what `odyssey serve` does on a machine with no key
     main = AppArgs(
-        model_path=str(exported_models[0]), documents=documents, max_batch_size=8, backend="onnxruntime"
+        model_path=str(exported_models[0]),
+        documents=documents,
+        max_batch_size=8,
+        backend="onnxruntime",
+        gateway=gateway,
     )
     try:
         serve.run(build_app(main), name="main", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        auth = api_keys.headers(key)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth, timeout=60) as http:
+            assert http.get("/v1/models", headers={"Authorization": ""}).status_code == 401
             yield http
     finally:
         serve.shutdown()

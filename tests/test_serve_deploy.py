@@ -42,3 +42,4 @@ def test_odyssey_serve_names_the_bad_field(odyssey_home, exported_models):
     )  # fmt: skip
     assert run.returncode == 2 and "not an exported model" in run.stderr
     assert not launch.state_file().exists()  # refused before any cluster started
+    assert not (odyssey_home / "api_keys").exists()  # and before any API key was written

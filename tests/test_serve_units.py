@@ -4,6 +4,7 @@ validation."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import replace
@@ -17,8 +18,9 @@ from odyssey.data.schema import Document
 from odyssey.errors import OdysseyError
 from odyssey.model import Transformer, pad_vocab, tiny
 from odyssey.tasks import ANSWERS, label_probabilities
+from serve import api_keys
 from serve.app import AppArgs
-from serve.gateway import GatewaySettings, invalid_request, is_json, load_key_digests
+from serve.gateway import GatewaySettings, invalid_request, is_json
 from serve.generation import BatchDecoder, GenerationParams, TextStream
 from serve.passages import PassageIndex, load_documents, split_documents
 
@@ -283,10 +285,29 @@ def test_app_args_validate_with_the_field_named():
 def test_api_keys_from_env_or_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_KEYS", "k1, k2")
     (tmp_path / "keys").write_text("k3\n\n")
-    digests = load_key_digests(
+    digests = api_keys.digests(
         GatewaySettings(auth=True, api_keys_env="MY_KEYS", api_keys_file=str(tmp_path / "keys"))
     )
     assert len(digests) == 3
     monkeypatch.delenv("MY_KEYS")
-    with pytest.raises(ValueError, match="no API keys"):
-        load_key_digests(GatewaySettings(auth=True, api_keys_env="MY_KEYS"))
+    monkeypatch.setenv("ODYSSEY_HOME", str(tmp_path / "home"))
+    with pytest.raises(
+        ValueError, match=f"no API keys.*MY_KEYS.*{tmp_path / 'home' / 'api_keys'}.*odyssey serve key"
+    ):
+        api_keys.digests(GatewaySettings(api_keys_env="MY_KEYS"))  # auth is on by default
+    assert api_keys.digests(GatewaySettings(auth=False, api_keys_env="MY_KEYS")) == set()
+
+
+def test_a_machine_with_no_key_gets_one_owner_only_and_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODYSSEY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ODYSSEY_API_KEYS", raising=False)
+    settings = GatewaySettings()
+    key, created = api_keys.ensure(settings)
+    path = tmp_path / "home" / "api_keys"
+    assert created and path.read_text() == key + "\n" and len(key) > 30
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert api_keys.ensure(settings) == (key, False)  # the next run uses it, and writes nothing
+    assert api_keys.digests(settings) == {hashlib.sha256(key.encode()).digest()}
+    monkeypatch.setenv("ODYSSEY_API_KEYS", "from-env")
+    assert api_keys.ensure(settings) == ("from-env", False)  # the environment's key comes first
+    assert api_keys.ensure(GatewaySettings(auth=False)) == (None, False)

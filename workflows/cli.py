@@ -7,7 +7,7 @@
     odyssey train --config RECIPE [--set k=v ...]      (= python -m train)
     odyssey tune --config SWEEP [--set k=v ...] [--transfer]  (= python -m tune)
     odyssey export CHECKPOINT_OR_RUN --out DIR [--best] [--format safetensors|onnx] [--quantize int8]
-    odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve stop
+    odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve key|stop
     odyssey cluster check [FILE ...]                    (`ray up` configs, KubeRay manifests)
     odyssey cluster local-up [--config cluster/fake-gpu.yaml]  |  odyssey cluster local-down
     odyssey cluster env [local|serve|demo]              (export lines for Ray's CLI: eval "$(...)")
@@ -185,14 +185,20 @@ def _serve_parser(sub) -> None:
     serve = sub.add_parser(
         "serve", help="deploy the serving app (serve/config.yaml) and return once every endpoint answers"
     )
-    serve.add_argument("action", nargs="?", choices=["deploy", "stop"], default="deploy")
+    serve.add_argument(
+        "action",
+        nargs="?",
+        choices=["deploy", "key", "stop"],
+        default="deploy",
+        help="key: print the API key clients send (written first on a machine with none)",
+    )
     serve.add_argument("--model", type=Path, help="an exported model directory (`odyssey export`)")
     serve.add_argument("--port", type=int, help="HTTP port on loopback (default: the config's, 8000)")
     serve.add_argument("--config", type=Path, help="a Serve config (default: serve/config.yaml)")
     serve.add_argument(
         "--address", help="a cluster's dashboard URL (default: RAY_DASHBOARD_ADDRESS, else a local cluster)"
     )
-    entrypoint.add_set(serve, "--set gateway.auth=true")
+    entrypoint.add_set(serve, "--set model.max_replicas=4")
 
 
 def _cluster_parser(sub) -> None:
@@ -301,6 +307,9 @@ def _serve(args) -> dict:
 
     if args.action == "stop":
         return launch.stop(args.address)
+    if args.action == "key":
+        print(launch.key(args.config or launch.CONFIG, args.overrides))  # bare, for KEY=$(odyssey serve key)
+        return None
     if args.model is None:
         raise OdysseyError(
             "--model is required: an exported model directory (`odyssey export ... --out DIR`)"

@@ -122,6 +122,11 @@ def _remote_rules(raw: dict, config: dict) -> list[str]:
     mounts = {str(k): str(v) for k, v in (raw.get("file_mounts") or {}).items()}
     if "~/.ray/auth_token" not in mounts:
         problems.append("file_mounts: ship the token: `~/.ray/auth_token: ~/.ray/auth_token`")
+    if "~/.odyssey/api_keys" not in mounts:  # the gateway replicas' keys (serve/api_keys.py)
+        problems.append(
+            "file_mounts: ship the HTTP API's keys: `~/.odyssey/api_keys: ~/.odyssey/api_keys` "
+            "(`odyssey serve key` writes the file)"
+        )
     pins = constraints()
     for name in PINNED:
         if name not in pins:

@@ -151,9 +151,9 @@ def requests_from(corpus: Path) -> list[tuple[str, str, dict | None]]:
     ]
 
 
-def call_every_endpoint(base: str, corpus: Path) -> list[dict]:
+def call_every_endpoint(base: str, corpus: Path, headers: dict) -> list[dict]:
     calls = []
-    with httpx.Client(base_url=base, timeout=120) as http:
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
         for method, path, body in requests_from(corpus):
             r = http.request(method, path, json=body)
             calls.append(
@@ -172,19 +172,21 @@ def show(calls: list[dict], base: str) -> None:
         if c["body"] is not None:
             print(f"  request: {short(c['body'])}")
         print(f"  answer:  {short(c['answer'], 600)}")
+    json_and_key = '-H "Content-Type: application/json" -H "Authorization: Bearer $KEY"'
     print(
-        f"\nThe endpoints (OpenAPI docs: {base}/docs):\n"
-        f"  curl -s {base}/v1/summarize -H 'Content-Type: application/json' -d '{{\"text\": \"...\"}}'\n"
-        f"  curl -s {base}/v1/moderate  -H 'Content-Type: application/json' -d '{{\"text\": \"...\"}}'\n"
-        f'  curl -s {base}/v1/find      -H \'Content-Type: application/json\' -d \'{{"query": "...", "k": 5}}\'\n'
-        f"  curl -s {base}/v1/code      -H 'Content-Type: application/json' -d '{{\"prompt\": \"...\"}}'\n"
-        f'  curl -s {base}/v1/completions -H \'Content-Type: application/json\' -d \'{{"prompt": "...", "max_tokens": 32}}\''
+        f"\nThe endpoints (OpenAPI docs: {base}/docs), with the API key `odyssey serve key` prints:\n"
+        "  KEY=$(odyssey serve key)\n"
+        f'  curl -s {base}/v1/summarize {json_and_key} -d \'{{"text": "..."}}\'\n'
+        f'  curl -s {base}/v1/moderate  {json_and_key} -d \'{{"text": "..."}}\'\n'
+        f'  curl -s {base}/v1/find      {json_and_key} -d \'{{"query": "...", "k": 5}}\'\n'
+        f'  curl -s {base}/v1/code      {json_and_key} -d \'{{"prompt": "..."}}\'\n'
+        f'  curl -s {base}/v1/completions {json_and_key} -d \'{{"prompt": "...", "max_tokens": 32}}\''
     )
 
 
 def run(cfg: DemoConfig) -> dict:
     from odyssey.evaluation.runner import evaluate
-    from serve import launch
+    from serve import api_keys, launch
     from train import checkpoint
     from train.export import export
     from train.launch import run as train
@@ -231,7 +233,8 @@ def run(cfg: DemoConfig) -> dict:
         # 6. The Serve app, then one real request to every endpoint.
         served = launch.deploy(model, port, address=head.dashboard_url)
         t = stage("serve", t)
-        calls = call_every_endpoint(served["url"], Path(train_cfg.data.corpus))
+        key = api_keys.headers(launch.key())  # deploy wrote one on a machine with none, and said so
+        calls = call_every_endpoint(served["url"], Path(train_cfg.data.corpus), key)
         stage("requests", t)
         show(calls, served["url"])
     except BaseException:

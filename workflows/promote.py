@@ -211,7 +211,7 @@ def promote(
         host = http.get("host", "127.0.0.1")
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
         decision["rollout_s"] = round(
-            _wait_for_model(base, launch.api_key_headers(config), new["model_id"], timeout_s), 1
+            _wait_for_model(base, launch.client_headers(config), new["model_id"], timeout_s), 1
         )
         decision["serve_config"] = _point_config_at(serve_config, candidate.resolve())
         atomic.write_text(record / "serve.json", json.dumps(config, indent=2) + "\n")

@@ -121,7 +121,6 @@ def replicas(n: int) -> dict:
 def settings(*overrides: str) -> list[str]:
     """The app's `--set` overrides of serve/config.yaml (later ones win)."""
     return [
-        "gateway.auth=true",
         f"gateway.request_timeout_s={TIMEOUT_S}",
         "gateway.max_tokens=1024",
         "max_batch_size=8",
