@@ -24,10 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
+# `python bench/demo.py` puts bench/ first on the path, where bench/onnx.py would shadow the onnx package
+# (the int8 export imports it): the checkout instead.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-from bench import report
-from odyssey import cluster, flops, logs
+from bench import report  # noqa: E402 - after the path fix above
+from odyssey import cluster, flops, logs  # noqa: E402
 
 HEADLINE = ("lm.perplexity", "summarize.rouge_l", "moderate.macro_f1", "find.mrr", "code.parse_rate")
 
