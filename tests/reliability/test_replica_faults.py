@@ -56,26 +56,33 @@ def test_a_replica_killed_at_half_load_costs_under_1_percent_and_is_replaced_wit
     assert len(failed) <= 0.01 * len(results), failed[:5]
 
 
-def stream(app, i: int, out: dict, started: threading.Event, max_tokens: int) -> None:
-    """One long streamed completion: its chunks' finish reasons and any error event."""
+def stream(app, i: int, out: dict, started: threading.Event, max_tokens: int, go: threading.Barrier) -> None:
+    """One long streamed completion: its chunks' finish reasons and any error event. Every stream is
+    sent at once (`go`), so that those of one replica arrive within its batch wait and share a batch."""
     body = {"prompt": "drill: slow", "max_tokens": max_tokens, "stream": True, "seed": i}
     record = out[i] = {"chunks": 0, "finish": None, "errors": [], "done": False, "status": None}
-    with app.client(timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as r:
-        record["status"] = r.status_code
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
-                record["done"] = True
-                break
-            event = json.loads(data)
-            if "error" in event:
-                record["errors"].append(event["error"])
-                continue
-            record["chunks"] += 1
-            record["finish"] = event["choices"][0]["finish_reason"] or record["finish"]
-            started.set()
+    with app.client(timeout=120) as http:
+        go.wait(30)
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            read(r, record, started)
+
+
+def read(r, record: dict, started: threading.Event) -> None:
+    record["status"] = r.status_code
+    for line in r.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            record["done"] = True
+            break
+        event = json.loads(data)
+        if "error" in event:
+            record["errors"].append(event["error"])
+            continue
+        record["chunks"] += 1
+        record["finish"] = event["choices"][0]["finish_reason"] or record["finish"]
+        started.set()
 
 
 def test_scaling_down_while_long_generations_stream_cuts_none(app):
@@ -88,13 +95,13 @@ def test_scaling_down_while_long_generations_stream_cuts_none(app):
     assert app.all_replica_pids() == pids, "a settings change restarted replicas"
     n, max_tokens = 8, 300  # 300 steps of 20 ms ("drill: slow"): ~6 s each, both replicas busy
     out, threads = {}, []
-    started = [threading.Event() for _ in range(n)]
+    started, go = [threading.Event() for _ in range(n)], threading.Barrier(n)
     for i in range(n):
-        threads.append(threading.Thread(target=stream, args=(app, i, out, started[i], max_tokens)))
+        threads.append(threading.Thread(target=stream, args=(app, i, out, started[i], max_tokens, go)))
     for t in threads:
         t.start()
-    for i, event in enumerate(started):
-        assert event.wait(30), (i, {k: (v["status"], v["chunks"], v["errors"]) for k, v in out.items()})
+    for i, event in enumerate(started):  # 60 s: a stream that missed its replica's batch waits for it
+        assert event.wait(60), (i, {k: (v["status"], v["chunks"], v["errors"]) for k, v in out.items()})
     app.scale_model(1, batch_wait_timeout_s=0.5)
     saw_stopping_while_streaming = False
     deadline = time.monotonic() + 120
