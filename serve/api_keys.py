@@ -64,6 +64,7 @@ def ensure(settings) -> tuple[str | None, bool]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(key + "\n")
+    path.chmod(0o600)  # an empty file that was there before keeps its mode through os.open
     return key, True
 
 

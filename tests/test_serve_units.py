@@ -308,6 +308,10 @@ def test_a_machine_with_no_key_gets_one_owner_only_and_keeps_it(tmp_path, monkey
     assert path.stat().st_mode & 0o777 == 0o600
     assert api_keys.ensure(settings) == (key, False)  # the next run uses it, and writes nothing
     assert api_keys.digests(settings) == {hashlib.sha256(key.encode()).digest()}
+    path.write_text("")  # a key file left empty: a new key, and owner-only again
+    path.chmod(0o644)
+    again, created = api_keys.ensure(settings)
+    assert created and again != key and path.stat().st_mode & 0o777 == 0o600
     monkeypatch.setenv("ODYSSEY_API_KEYS", "from-env")
     assert api_keys.ensure(settings) == ("from-env", False)  # the environment's key comes first
     assert api_keys.ensure(GatewaySettings(auth=False)) == (None, False)
