@@ -24,10 +24,13 @@ def _k(x: float) -> str:
 
 
 def data(f: dict) -> list[tuple]:
-    enc = f["encode_tokens_per_s"]
+    enc, ray, mem = f["encode_tokens_per_s"], f["ray_data"], f["packing_memory"]
+    many = max(ray["workers"], key=int)
     return [
         ("tokenize + pack the full corpus (tokens/s)", _k(f["pack_tokens_per_s"]["median"]), "target 1.00 M", f["pack_tokens_per_s"]["median"] / 1e6),
         ("tokenizer encode: ours (ignore_merges) vs plain BPE (tokens/s)", _k(enc["shipped_ignore_merges"]), _k(enc["plain_bpe"]), enc["ratio"]),
+        (f"tokenize + pack on Ray Data, {many} workers vs 1 (tokens/s)", _k(ray["workers"][many]["pack_tokens_per_s"]), _k(ray["workers"]["1"]["pack_tokens_per_s"]), ray["pack_ratio"]),
+        ("peak memory packing a corpus 4x the full one vs 1x (MiB, driver + Ray workers)", f"{mem['4x']['peak_rss_mib']:,}", f"{mem['1x']['peak_rss_mib']:,}", mem["1x"]["peak_rss_mib"] / mem["4x"]["peak_rss_mib"]),
     ]  # fmt: skip
 
 

@@ -58,7 +58,7 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)
     model: ModelArgs = Field(default_factory=ModelArgs)
-    documents: str | None = None  # Parquet (doc_id, text, title?) for /v1/find; default: local legal texts
+    documents: str | None = None  # Parquet (doc_id, text, title?) for /v1/find; default: local license texts
     max_documents: int | None = Field(100, ge=1)
     summary_max_tokens: int = Field(64, ge=1)
     code_max_tokens: int = Field(128, ge=1)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from odyssey.bm25 import BM25
-from odyssey.data import legal
+from odyssey.data import debian, legal
 from odyssey.data.schema import Document
 from odyssey.errors import OdysseyError
 
@@ -54,8 +54,9 @@ class Passage:
 
 def load_documents(source: str | Path | None = None, max_documents: int | None = None) -> list[Document]:
     """Documents to index: a Parquet file or directory of them (columns doc_id, text, optional title;
-    a corpus's documents/ directory fits), or by default this machine's legal documents (license texts,
-    then packages' copyright files)."""
+    a corpus's documents/ directory fits), or by default this machine's legal documents (legal.documents:
+    Debian's license texts and copyright files where the machine has them, and the license files of
+    the installed Python distributions everywhere)."""
     if source is None:
         listed = legal.documents()[:max_documents]
         docs = [Document(i, t, p.read_text(encoding="utf-8", errors="replace")) for i, t, p in listed]
@@ -70,9 +71,16 @@ def load_documents(source: str | Path | None = None, max_documents: int | None =
         rows = table.slice(0, max_documents if max_documents is not None else table.num_rows).to_pylist()
         docs = [Document(str(r["doc_id"]), str(r.get("title") or r["doc_id"]), str(r["text"])) for r in rows]
     docs = [d for d in docs if d.text.strip()]
+    if not docs and source is None:
+        raise OdysseyError(
+            "documents: this machine has no legal documents to index (no Debian license or copyright "
+            f"files under ${debian.ROOT_ENV}={debian.debian_root()}, and no license files in the installed "
+            "Python distributions); set the app's `documents` (serve/config.yaml) to a Parquet file or "
+            "directory with columns doc_id and text, e.g. a built corpus's documents/ directory"
+        )
     if not docs:
         raise OdysseyError(
-            f"documents: nothing to index in {source or 'the legal documents of this machine'}"
+            f"documents: nothing to index in {source}; it needs rows with non-empty text (columns doc_id, text)"
         )
     return docs
 

@@ -21,7 +21,10 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-SMALL = ["--set", "max_docs.debian=20", "--set", "max_docs.python_stdlib=5", "--set", "max_docs.legal=5"]
+SMALL = [
+    *("--set", "max_docs.debian=20", "--set", "max_docs.python_stdlib=5", "--set", "max_docs.legal=5"),
+    *("--set", "max_docs.python_packages=20", "--set", "min_examples.code=10"),
+]
 
 
 def test_build_tokenize_pack(tmp_path):
@@ -48,6 +51,10 @@ def test_build_tokenize_pack(tmp_path):
             "val_fraction + test_fraction = 1.1 leaves nothing to train on",
         ),
         (["--preset", "none"], "the corpus would be empty"),
+        (
+            ["--set", "max_docs.python_stdlib=1", "--set", "max_docs.python_packages=1"],
+            "task 'code': 0 training examples, the 'tiny' preset needs 50",
+        ),
     ],
 )
 def test_build_errors_name_the_field(tmp_path, args, message):

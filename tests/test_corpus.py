@@ -4,23 +4,27 @@ errors that name file/row/column, and outputs that are complete or absent."""
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from odyssey.data import corpus, legal
+from odyssey.data import corpus, legal, neardup
 from odyssey.data.corpus import CorpusConfig, build_corpus, read_split
+from odyssey.data.sampling import split_of
 from odyssey.data.schema import SCHEMA, read_examples
-from odyssey.errors import OdysseyError, SchemaError
+from odyssey.errors import ConfigError, OdysseyError, SchemaError
 from odyssey.tasks import MODERATION_LABELS, SPLITS, TASKS, parse_labels
+from serve.passages import PassageIndex, load_documents, split_documents
 
 SMALL = CorpusConfig.from_preset(
     "tiny",
-    max_docs={"debian": 30, "python_stdlib": 8, "legal": 10},
+    max_docs={"debian": 30, "python_stdlib": 8, "python_packages": 30, "legal": 10},
     moderation_examples=200,
     max_examples_per_task=300,
+    min_examples={},
 )
 
 
@@ -51,6 +55,13 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     assert [s["sha256"] for s in c["shards"]] != [s["sha256"] for s in a["shards"]]
 
 
+def near_duplicate_leaks(corpus_dir) -> list[tuple[str, str, float]]:
+    """Pairs of texts in two splits that are near-duplicates, by the measure the build groups with."""
+    rows = all_rows(corpus_dir)
+    key = {t: "target" if t in ("find", "lm") else "input" for t in TASKS}
+    return neardup.cross_split_pairs((r["doc_id"], r["split"], r[key[r["task"]]]) for r in rows)
+
+
 def test_no_document_or_passage_leaks_across_splits(corpus_dir):
     rows = all_rows(corpus_dir)
     doc_splits = defaultdict(set)
@@ -64,6 +75,85 @@ def test_no_document_or_passage_leaks_across_splits(corpus_dir):
         assert not by_split["train"] & by_split["val"], task
         assert not by_split["train"] & by_split["test"], task
         assert not by_split["val"] & by_split["test"], task
+    # Nor near-duplicates: no text has a near-twin in another split.
+    assert near_duplicate_leaks(corpus_dir) == []
+    figures = corpus.read_manifest(corpus_dir)["near_duplicates"]
+    assert figures["threshold"] == neardup.DEFAULT_THRESHOLD and figures["groups"] <= figures["documents"]
+
+
+def planted_source(tmp_path):
+    """30 unrelated documents and two near-identical ones (one word changed) whose doc_ids alone would
+    put them in different splits."""
+    rng = random.Random(0)
+    vocabulary = [
+        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 9))) for _ in range(3000)
+    ]
+
+    def text() -> str:
+        return " ".join(rng.choices(vocabulary, k=80))
+
+    a, b = next(
+        (f"planted:{i}a", f"planted:{i}b")
+        for i in range(10_000)
+        if split_of(f"planted:{i}a", 0, 0.05, 0.05) != split_of(f"planted:{i}b", 0, 0.05, 0.05)
+    )
+    words = text().split()
+    twin = words.copy()
+    twin[40] = "changed"
+    rows = [
+        {"task": "summarize", "input": text(), "target": "A summary.", "doc_id": f"other:{i}"}
+        for i in range(30)
+    ]
+    rows += [
+        {"task": "summarize", "input": " ".join(words), "target": "A summary.", "doc_id": a},
+        {"task": "summarize", "input": " ".join(twin), "target": "A summary.", "doc_id": b},
+    ]
+    return write_jsonl(tmp_path / "planted.jsonl", rows), (a, b)
+
+
+def test_near_duplicate_documents_land_in_one_split(tmp_path):
+    source, (a, b) = planted_source(tmp_path)
+    manifest = build_corpus(tmp_path / "grouped", CorpusConfig.from_preset("none"), [source])
+    split = {r["doc_id"]: r["split"] for r in all_rows(tmp_path / "grouped")}
+    assert split[a] == split[b]
+    figures = manifest["near_duplicates"]
+    assert figures["threshold"] == neardup.DEFAULT_THRESHOLD
+    assert figures["documents"] == 32 and figures["groups"] == 31 and figures["merged_documents"] == 1
+    assert near_duplicate_leaks(tmp_path / "grouped") == []
+    # The leak check fails on the same corpus built without grouping: the twins sit in two splits.
+    ungrouped = CorpusConfig.from_preset("none", near_duplicates=None)
+    build_corpus(tmp_path / "ungrouped", ungrouped, [source])
+    assert [(x, y) for x, y, _ in near_duplicate_leaks(tmp_path / "ungrouped")] in ([(a, b)], [(b, a)])
+
+
+def test_a_machine_without_debian_builds_every_task_and_the_finder_index(tmp_path, monkeypatch):
+    """macOS, Fedora, Alpine: no Debian files. The portable sources (the standard library, the installed
+    Python distributions and their license files) give every task of the tiny preset."""
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("ODYSSEY_DEBIAN_ROOT", str(tmp_path / "empty"))
+    manifest = build_corpus(tmp_path / "c", CorpusConfig.from_preset("tiny"))
+    sources = {s["name"]: s for s in manifest["sources"]}
+    assert sources["debian"]["files"] == 0 and sources["debian"]["examples"] == 0
+    need = CorpusConfig.from_preset("tiny").min_examples
+    assert all(manifest["counts"][task]["train"] >= need[task] > 0 for task in TASKS)
+    assert (
+        sources["python_packages"]["per_task"]["summarize"] > 0 and sources["legal"]["per_task"]["find"] > 0
+    )
+    documents = load_documents()
+    assert documents and not any("common-licenses" in d.doc_id for d in documents)
+    index = PassageIndex(split_documents(documents))
+    hits = index.bm25_scores("permission is hereby granted free of charge")
+    assert len(index) > 0 and hits.max() > 0
+
+
+def test_a_task_the_sources_leave_short_is_an_error_that_names_it(tmp_path):
+    source = write_jsonl(tmp_path / "one.jsonl", [GOOD])
+    cfg = CorpusConfig.from_preset("none", min_examples={"code": 1})
+    with pytest.raises(
+        ConfigError, match=r"task 'code': 0 training examples, the 'none' preset needs 1.*--source KIND:PATH"
+    ):
+        build_corpus(tmp_path / "c", cfg, [source])
+    assert not (tmp_path / "c").exists()
 
 
 def test_find_passages_sit_in_their_documents(corpus_dir):

@@ -1,14 +1,18 @@
-"""Packed token blocks: whole examples, loss on targets only, every token kept, readable by Ray Data."""
+"""Packed token blocks: whole examples, loss on targets only, every token kept, readable by Ray Data, and
+the same bytes whether packed in-process or by Ray Data workers."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from odyssey.data import packing
 from odyssey.data.corpus import read_split
+from odyssey.errors import ConfigError
 from odyssey.tasks import SPLITS, TASKS
 
 SEQ_LEN = 128  # conftest's blocks_dir
@@ -66,6 +70,9 @@ def test_pack_corpus_manifest_and_blocks(corpus_dir, tokenizer, blocks_dir):
                 # one <|eos|> per example, but for those whose target had to be cut
                 assert (ids == tokenizer.eos_id).sum() == counts["examples"] - counts["cut_targets"]
     assert manifest["tokens"] > 0 and manifest["tokens_per_s"] > 0
+    assert manifest["units"] == len(packing.plan_units(corpus_dir))
+    for shard in manifest["shards"]:  # one per unit that packed something, each where the manifest says
+        assert (blocks_dir / shard["path"]).is_file() and shard["path"].split("/")[-1].count("-") == 1
 
 
 def test_pack_refuses_nonsense(corpus_dir, tokenizer, tmp_path):
@@ -87,3 +94,65 @@ def test_ray_data_streams_blocks_as_tensors(ray_cluster, blocks_dir):
     streamed = sum(int(b["loss_mask"].sum()) for b in ds.iter_torch_batches(batch_size=64))
     on_disk = np.concatenate([packing.read_blocks(blocks_dir, "summarize", s)[1] for s in SPLITS])
     assert streamed == int(on_disk.sum())
+
+
+@pytest.fixture(scope="module")
+def chunked_corpus(corpus_dir, tmp_path_factory):
+    """The session's corpus with every split cut into two shards of row groups of 100 examples: many
+    units of work per split, as a large corpus has."""
+    out = tmp_path_factory.mktemp("chunked") / "corpus"
+    shutil.copytree(corpus_dir, out, ignore=shutil.ignore_patterns("blocks-*", "examples"))
+    for task in TASKS:
+        for split in SPLITS:
+            table = read_split(corpus_dir, task, split)
+            if not table.num_rows:
+                continue
+            half = table.num_rows // 2 + 1
+            (out / "examples" / task).mkdir(parents=True, exist_ok=True)
+            for i, start in enumerate((0, half)):
+                part = table.slice(start, half)
+                pq.write_table(part, out / "examples" / task / f"{split}-{i:05d}.parquet", row_group_size=100)
+    return out
+
+
+def _shard_bytes(blocks) -> dict[str, bytes]:
+    return {p.relative_to(blocks).as_posix(): p.read_bytes() for p in sorted(blocks.rglob("*.parquet"))}
+
+
+def test_units_cover_every_example_once(chunked_corpus, tokenizer, tmp_path):
+    units = packing.plan_units(chunked_corpus)
+    manifest = packing.pack_corpus(chunked_corpus, tokenizer, 64, tmp_path / "b", workers=0)
+    assert manifest["units"] == len(units) > 2 * len(TASKS) * len(SPLITS)  # several units per split
+    for task in TASKS:
+        for split in SPLITS:
+            assert (
+                manifest["counts"][task][split]["examples"]
+                == read_split(chunked_corpus, task, split).num_rows
+            )
+    # lm: every text's tokens trained on once, plus one <|eos|> each (<|bos|> is never a target)
+    texts = read_split(chunked_corpus, "lm", "train", ["target"]).column("target").to_pylist()
+    lm = manifest["counts"]["lm"]["train"]
+    assert lm["trained_tokens"] == sum(map(len, tokenizer.encode_batch(texts))) + len(texts)
+    ids, mask = packing.read_blocks(tmp_path / "b", "lm", "train")
+    assert ids.shape[0] == lm["blocks"] and int(mask.sum()) == lm["trained_tokens"]
+
+
+def test_same_bytes_in_process_and_on_ray_data(ray_cluster, chunked_corpus, tokenizer, tmp_path):
+    manifests, shards = {}, {}
+    for workers in (0, 1, 2):
+        out = tmp_path / f"w{workers}"
+        manifests[workers] = packing.pack_corpus(chunked_corpus, tokenizer, 64, out, seed=3, workers=workers)
+        shards[workers] = _shard_bytes(out)
+    assert manifests[0]["ran"] == "in this process" and manifests[2]["ran"] == "Ray Data, 2 workers"
+    assert len(shards[0]) > len(TASKS) * len(SPLITS)
+    assert shards[0] == shards[1] == shards[2]
+    for key in ("counts", "shards", "tokens", "units"):
+        assert manifests[0][key] == manifests[1][key] == manifests[2][key]
+    other_seed = packing.pack_corpus(chunked_corpus, tokenizer, 64, tmp_path / "s4", seed=4, workers=0)
+    assert other_seed["shards"] != manifests[0]["shards"]  # the seed orders the examples
+
+
+def test_a_bad_worker_count_is_refused_before_anything_is_written(corpus_dir, tokenizer, tmp_path):
+    with pytest.raises(ConfigError, match="workers=-1"):
+        packing.pack_corpus(corpus_dir, tokenizer, 64, tmp_path / "b", workers=-1)
+    assert not (tmp_path / "b").exists()

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from odyssey import cluster, logs
+from odyssey.data.corpus import read_manifest
 from serve import launch
 
 BIN = Path(sys.executable).parent
@@ -122,8 +123,11 @@ def demo(home, other_app, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     port = cluster.free_port()
     settings = [f"out={out}", "steps=40", "eval_limit=8", f"port={port}"]
+    # As on macOS, Fedora or Alpine: no Debian package index or copyright files. The demo's corpus, its
+    # model and the Finder's default index come from what every Python installation has.
+    no_debian = tmp_path_factory.mktemp("no-debian")
     run = odyssey(
-        home.env,
+        {**home.env, "ODYSSEY_DEBIAN_ROOT": str(no_debian)},
         "demo",
         "--keep-serving",
         *[a for s in settings for a in ("--set", s)],
@@ -182,6 +186,10 @@ def test_the_demo_trains_evaluates_serves_and_answers_every_endpoint(demo):
         c["request"]: c["answer"] for c in json.loads((demo.out / "summary.json").read_text())["answers"]
     }
     assert answers["POST /v1/find"]["passages"] and "verdict" in answers["POST /v1/moderate"]
+    # Built with the Debian sources hidden: every task from the portable ones, the index too.
+    sources = {s["name"]: s for s in read_manifest(demo.out / "corpus")["sources"]}
+    assert sources["debian"]["examples"] == 0 and sources["python_packages"]["examples"] > 0
+    assert not any("common-licenses" in p["doc_id"] for p in answers["POST /v1/find"]["passages"])
     assert answers["POST /v1/completions"]["usage"]["completion_tokens"] > 0
     # Trained on 2 workers with ZeRO-2, the loss went down; the loss curve, model and eval report are there.
     t = s["training"]

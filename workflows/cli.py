@@ -1,8 +1,9 @@
 """The `odyssey` command.
 
-    odyssey data build --out DIR [--preset tiny|full|none] [--source FILE ...] [--seed N] [--set k=v ...]
+    odyssey data build --out DIR [--preset tiny|full|none] [--source [KIND:]PATH ...] [--seed N] [--set k=v ...]
+                       [--workers N] [--address ADDR]
     odyssey tokenizer train --corpus DIR [--vocab-size N] [--out FILE]
-    odyssey data pack --corpus DIR [--tokenizer FILE] [--seq-len N] [--out DIR]
+    odyssey data pack --corpus DIR [--tokenizer FILE] [--seq-len N] [--out DIR] [--workers N] [--address ADDR]
     odyssey model presets
     odyssey train --config RECIPE [--set k=v ...]      (= python -m train)
     odyssey tune --config SWEEP [--set k=v ...] [--transfer]  (= python -m tune)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +61,13 @@ def _data_parser(sub) -> None:
     build.add_argument("--out", required=True, type=Path)
     build.add_argument("--preset", default="tiny", help="tiny | full | none (only --source files)")
     build.add_argument(
-        "--source", action="append", default=[], type=Path, help="Parquet or JSONL in the corpus schema"
+        "--source",
+        action="append",
+        default=[],
+        metavar="[KIND:]PATH_OR_NAME",
+        help="KIND:PATH_OR_NAME, a public dataset through an adapter (kinds: summarize, moderate, retrieval, "
+        "code, text; PATH a local file or directory, NAME[@CONFIG] a Hugging Face hub dataset), or a "
+        "Parquet/JSONL file in the corpus schema",
     )
     build.add_argument("--seed", type=int, default=None)
     build.add_argument(
@@ -68,6 +76,7 @@ def _data_parser(sub) -> None:
         help="replace an existing corpus (only once the new one is complete)",
     )
     entrypoint.add_set(build, "--set max_docs.legal=20")
+    _add_workers(build)
     pack = data_sub.add_parser("pack", help="tokenize and pack a corpus into fixed-length blocks")
     pack.add_argument("--corpus", required=True, type=Path)
     pack.add_argument("--tokenizer", type=Path, help="default: CORPUS/tokenizer.json")
@@ -75,6 +84,35 @@ def _data_parser(sub) -> None:
     pack.add_argument("--out", type=Path, help="default: CORPUS/blocks-SEQ_LEN")
     pack.add_argument("--seed", type=int, default=0)
     pack.add_argument("--overwrite", action="store_true")
+    _add_workers(pack)
+
+
+def _add_workers(parser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel Ray Data tasks (default: every CPU of the cluster; 0: in this process, no Ray)",
+    )
+    parser.add_argument(
+        "--address", help="the Ray cluster to run on (default: RAY_ADDRESS, else an embedded one)"
+    )
+
+
+def _data_workers(args) -> int | None:
+    """The Ray Data tasks to run (0: in this process): on the cluster at --address (joined now), or on an
+    embedded one, which starts when the first parallel stage runs (after the inputs are checked)."""
+    from odyssey import cluster
+    from odyssey.errors import ConfigError
+
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers {args.workers}: give 1 or more, or 0 to run in this process")
+    if args.workers == 0:
+        return 0
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        cluster.connect(args.address)
+        return args.workers  # None: every CPU of that cluster
+    return args.workers or os.cpu_count() or 1
 
 
 def _tokenizer_parser(sub) -> None:
@@ -238,11 +276,13 @@ def _data_build(args) -> dict:
     if args.seed is not None:
         data["seed"] = args.seed
     cfg = from_dict(CorpusConfig, apply_overrides(data, args.overrides))
-    manifest = build_corpus(args.out, cfg, args.source, overwrite=args.overwrite)
+    manifest = build_corpus(args.out, cfg, args.source, overwrite=args.overwrite, workers=_data_workers(args))
     return {
         "corpus": str(args.out),
         "counts": manifest["counts"],
         "total_examples": manifest["total_examples"],
+        "sources": {s["name"]: s["per_task"] for s in manifest["sources"]},
+        "near_duplicates": manifest["near_duplicates"],
     }
 
 
@@ -251,11 +291,20 @@ def _data_pack(args) -> dict:
     from odyssey.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer or args.corpus / "tokenizer.json")
-    manifest = pack_corpus(args.corpus, tok, args.seq_len, args.out, seed=args.seed, overwrite=args.overwrite)
+    manifest = pack_corpus(
+        args.corpus,
+        tok,
+        args.seq_len,
+        args.out,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        workers=_data_workers(args),
+    )
     return {
         "blocks": str(args.out or args.corpus / f"blocks-{args.seq_len}"),
         "tokens": manifest["tokens"],
         "tokens_per_s": manifest["tokens_per_s"],
+        "ran": manifest["ran"],
     }
 
 

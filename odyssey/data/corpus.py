@@ -1,13 +1,26 @@
-"""`odyssey data build`: the multitask corpus, from public text on this machine and the user's files.
+"""`odyssey data build`: the multitask corpus, from public text on this machine and the user's datasets.
+
+Sources (SOURCES; a preset says how many documents of each it reads and how many examples per task it
+needs, `min_examples`): the Python standard library and the installed Python distributions exist
+wherever Python runs; the Debian package index and copyright files are extras where present
+(ODYSSEY_DEBIAN_ROOT); `--source KIND:PATH` brings a public dataset through an adapter (adapters.py).
+The build logs what each source gave, per task, and refuses a task left with fewer examples than the
+preset needs, naming the task and the fix.
 
 Output directory (published complete or not at all):
     examples/{task}/{split}-00000.parquet   the examples (schema.SCHEMA), shuffled by hash
-    documents/part-00000.parquet            whole legal documents, for the retrieval index of `find`
-    manifest.json                           counts per task and split, sources, shard sha256, seed
+    documents/part-00000.parquet            whole documents, for the retrieval index of `find`
+    manifest.json                           counts per task and split, sources, near-duplicate groups,
+                                            shard sha256, seed
 
-The same seed on the same machine gives byte-identical shards. Splits are drawn per document
-(sampling.split_of), and an example whose (task, input) repeats one seen before is dropped, so the
-same text never sits in two splits.
+The same seed on the same sources gives byte-identical shards. No text sits in two splits:
+- an example whose (task, text) repeats one seen before is dropped;
+- documents whose texts are near-duplicates (MinHash estimate of the Jaccard similarity of word
+  shingles >= `near_duplicates`, neardup.py) form one group, and splits are drawn per group
+  (sampling.split_of of the group's first doc_id), so a group never spans two splits.
+
+The near-duplicate signatures (the build's costly part) run as a Ray Data pipeline when a cluster is
+up or `workers` is given (parallel.py); the result does not depend on where they ran.
 """
 
 from __future__ import annotations
@@ -21,14 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from odyssey import __version__, atomic
 from odyssey.config import to_dict
-from odyssey.data import debian, legal, moderation, python_stdlib
+from odyssey.data import adapters, debian, legal, moderation, neardup, pydist, python_stdlib
+from odyssey.data.parallel import ordered_map
 from odyssey.data.sampling import split_of, unit_hash
-from odyssey.data.schema import DOCUMENT_SCHEMA, SCHEMA, Collected, Example, read_examples
+from odyssey.data.schema import DOCUMENT_SCHEMA, SCHEMA, Collected, Example
 from odyssey.errors import ConfigError, SchemaError
 from odyssey.tasks import SPLITS, TASKS
 
@@ -36,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARD_ROWS = 50_000
+SIGNATURE_CHUNK = 2_000  # texts per near-duplicate signature task
 
 
 @dataclass
@@ -48,6 +64,11 @@ class CorpusConfig:
     max_docs: dict[str, int | None] = field(default_factory=dict)
     moderation_examples: int = 0
     max_examples_per_task: int | None = None  # per task and split-independent: a cap after dedup
+    # Training examples each task needs; a task left with fewer is an error naming the fix.
+    min_examples: dict[str, int] = field(default_factory=dict)
+    # Jaccard threshold over word shingles above which documents are one near-duplicate group (None:
+    # only exact repeats are dropped, and near-duplicates may sit in two splits).
+    near_duplicates: float | None = neardup.DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1):
@@ -63,17 +84,27 @@ class CorpusConfig:
             )
         if self.moderation_examples < 0:
             raise ConfigError("moderation_examples must be >= 0")
+        unknown = set(self.min_examples) - set(TASKS)
+        if unknown:
+            raise ConfigError(f"min_examples: unknown task {sorted(unknown)[0]!r}; tasks: {', '.join(TASKS)}")
+        if self.near_duplicates is not None and not 0 < self.near_duplicates <= 1:
+            raise ConfigError(
+                f"near_duplicates={self.near_duplicates}: give a Jaccard threshold in (0, 1], e.g. "
+                f"{neardup.DEFAULT_THRESHOLD}, or null to keep near-duplicates apart"
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> CorpusConfig:
         presets = {
             # Seconds to build: tests and the demo.
             "tiny": dict(
-                max_docs={"debian": 150, "python_stdlib": 40, "legal": 60},
+                max_docs={"debian": 150, "python_stdlib": 40, "python_packages": 150, "legal": 60},
                 moderation_examples=1200,
                 max_examples_per_task=1500,
+                min_examples=dict.fromkeys(TASKS, 50),
             ),
-            "full": dict(max_docs={}, moderation_examples=20_000),
+            "full": dict(max_docs={}, moderation_examples=20_000, min_examples=dict.fromkeys(TASKS, 500)),
+            # Only the user's --source datasets: whatever tasks they hold.
             "none": dict(max_docs={}, moderation_examples=0),
         }
         if name not in presets:
@@ -81,59 +112,146 @@ class CorpusConfig:
         return cls(preset=name, **{**presets[name], **overrides})
 
 
-SOURCES = {"debian": debian.collect, "python_stdlib": python_stdlib.collect, "legal": legal.collect}
+# Sources that read this machine's files: name -> collect(limit, seed). Each says what it found.
+SOURCES = {
+    "python_stdlib": python_stdlib.collect,  # everywhere: the standard library and its reference topics
+    "python_packages": pydist.collect,  # everywhere: the installed distributions' descriptions
+    "legal": legal.collect,  # license texts: installed distributions' (everywhere), Debian's (extras)
+    "debian": debian.collect,  # extras: Debian's package index, where present (ODYSSEY_DEBIAN_ROOT)
+}
 
 
 def collect_builtin(cfg: CorpusConfig) -> list[Collected]:
+    """The preset's sources, then moderation made from their text. They read this machine's files, so
+    they run here, on the driver: a worker on another node would read that node's packages instead."""
     if cfg.preset == "none":
         return []
     out = []
     for name, collect in SOURCES.items():
         t0 = time.perf_counter()
-        got = collect(cfg.max_docs.get(name), cfg.seed)
-        log.info(
-            "source %-14s %6d files  %7d examples  %5.1fs",
-            name,
-            len(got.files),
-            len(got.examples),
-            time.perf_counter() - t0,
-        )
-        out.append(got)
+        out.append(collect(cfg.max_docs.get(name), cfg.seed))
+        log.info("source %-16s %s (%.1fs)", name, _found(out[-1]), time.perf_counter() - t0)
     if cfg.moderation_examples:
         base = [ex for c in out for ex in c.examples]
         made = moderation.synthesize(base, cfg.moderation_examples, cfg.seed)
-        log.info("source %-14s %6s files  %7d examples (synthetic)", "moderation", "-", len(made))
         out.append(Collected("moderation", [], made))
+        log.info("source %-16s %s (synthetic)", "moderation", _found(out[-1]))
     return out
 
 
-def assign_splits(cfg: CorpusConfig, collected: list[Collected]) -> dict[str, list[Example]]:
-    """Split every example by its document, drop repeats, apply the per-task cap. Returns split -> examples."""
-    doc_split = {ex.doc_id: ex.split for c in collected for ex in c.examples if ex.split is not None}
+def _per_task(examples: list[Example]) -> dict[str, int]:
+    counts = dict.fromkeys(TASKS, 0)
+    for ex in examples:
+        counts[ex.task] += 1
+    return {t: n for t, n in counts.items() if n}
+
+
+def _found(c: Collected) -> str:
+    if not c.examples:
+        return f"nothing found ({len(c.files)} files read)"
+    tasks = ", ".join(f"{task} {n}" for task, n in _per_task(c.examples).items())
+    return f"{len(c.files)} files -> {len(c.examples)} examples ({tasks})"
+
+
+def _key(ex: Example) -> str:
+    """The text that must not repeat: the passage for find, the text for lm, else the input."""
+    return ex.target if ex.task in ("find", "lm") else ex.input
+
+
+def _unique(collected: list[Collected]) -> list[Example]:
+    """Every example once: a (task, text) seen before is dropped; a document's given split must agree."""
+    given: dict[str, str] = {}
     seen: set[tuple[str, str]] = set()
-    per_task: dict[str, list[Example]] = {t: [] for t in TASKS}
+    out = []
     for c in collected:
         for ex in c.examples:
-            split = doc_split.setdefault(
-                ex.doc_id, ex.split or split_of(ex.doc_id, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-            )
-            if ex.split is not None and ex.split != split:
+            if ex.split is not None and given.setdefault(ex.doc_id, ex.split) != ex.split:
                 raise SchemaError(
                     f"{c.name.removeprefix('user:')}: document {ex.doc_id!r} is given split '{ex.split}' here and "
-                    f"'{split}' elsewhere; a document must stay in one split or its text leaks across them"
+                    f"'{given[ex.doc_id]}' elsewhere; a document must stay in one split or its text leaks across them"
                 )
-            # The text that must not repeat: the passage for find, the text for lm, else the input.
-            key = (ex.task, ex.target if ex.task in ("find", "lm") else ex.input)
-            if key in seen:
-                continue
-            seen.add(key)
-            per_task[ex.task].append(Example(ex.task, ex.input, ex.target, ex.doc_id, split))
+            if (ex.task, _key(ex)) not in seen:
+                seen.add((ex.task, _key(ex)))
+                out.append(ex)
+    return out
+
+
+def near_duplicate_groups(
+    cfg: CorpusConfig, examples: list[Example], workers: int | None = None
+) -> tuple[dict[str, str], dict]:
+    """doc_id -> its group's id (a doc_id) and the grouping's figures (neardup.group)."""
+    docs = sorted({ex.doc_id for ex in examples})
+    if cfg.near_duplicates is None:
+        return {d: d for d in docs}, {"threshold": None, "documents": len(docs), "groups": len(docs)}
+    texts = [_key(ex) for ex in examples]
+    chunks = [texts[i : i + SIGNATURE_CHUNK] for i in range(0, len(texts), SIGNATURE_CHUNK)]
+    t0 = time.perf_counter()
+    sigs = np.concatenate(list(ordered_map(neardup.signatures, chunks, workers))) if chunks else None
+    groups, stats = neardup.group([ex.doc_id for ex in examples], sigs, cfg.near_duplicates)
+    log.info(
+        "near-duplicates (Jaccard >= %.2f): %d documents in %d groups, %d merged into another's group (%.1fs)",
+        cfg.near_duplicates,
+        stats["documents"],
+        stats["groups"],
+        stats["merged_documents"],
+        time.perf_counter() - t0,
+    )
+    return groups, stats
+
+
+def group_splits(cfg: CorpusConfig, examples: list[Example], groups: dict[str, str]) -> dict[str, str]:
+    """doc_id -> split: a split given by the user's file holds for its whole group; else drawn per group."""
+    given: dict[str, tuple[str, str]] = {}  # group -> (split, the doc that gave it)
+    for ex in examples:
+        if ex.split is None:
+            continue
+        group = groups[ex.doc_id]
+        split, by = given.setdefault(group, (ex.split, ex.doc_id))
+        if split != ex.split:
+            raise SchemaError(
+                f"documents {by!r} (split '{split}') and {ex.doc_id!r} (split '{ex.split}') are near-duplicates "
+                f"(Jaccard >= {cfg.near_duplicates}); give them one split, or set near_duplicates higher"
+            )
+    return {
+        doc: given[group][0]
+        if group in given
+        else split_of(group, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        for doc, group in groups.items()
+    }
+
+
+def assign_splits(
+    cfg: CorpusConfig, collected: list[Collected], workers: int | None = None
+) -> tuple[dict[str, list[Example]], dict[str, str], dict]:
+    """Drop repeats, group near-duplicate documents, split per group, apply the per-task cap.
+    Returns (split -> examples, doc_id -> split, the near-duplicate figures)."""
+    examples = _unique(collected)
+    groups, stats = near_duplicate_groups(cfg, examples, workers)
+    doc_split = group_splits(cfg, examples, groups)
+    per_task: dict[str, list[Example]] = {t: [] for t in TASKS}
+    for ex in examples:
+        per_task[ex.task].append(Example(ex.task, ex.input, ex.target, ex.doc_id, doc_split[ex.doc_id]))
     by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    for examples in per_task.values():
-        order = sorted(examples, key=lambda e: unit_hash(cfg.seed, "order", e.doc_id, e.input, e.target))
+    for examples_of_task in per_task.values():
+        order = sorted(
+            examples_of_task, key=lambda e: unit_hash(cfg.seed, "order", e.doc_id, e.input, e.target)
+        )
         for ex in order[: cfg.max_examples_per_task]:
             by_split[ex.split].append(ex)
-    return by_split
+    return by_split, doc_split, stats
+
+
+def check_needs(cfg: CorpusConfig, by_split: dict[str, list[Example]]) -> None:
+    """A task with fewer training examples than the preset needs is an error that says what to do."""
+    have = _per_task(by_split["train"])
+    for task, need in cfg.min_examples.items():
+        if have.get(task, 0) < need:
+            raise ConfigError(
+                f"task '{task}': {have.get(task, 0)} training examples, the '{cfg.preset}' preset needs {need}. "
+                f"The sources on this machine give too few: bring a dataset (`--source KIND:PATH`, kinds: "
+                f"{', '.join(adapters.KINDS)}), read more documents (--set max_docs.SOURCE=N), or accept "
+                f"fewer (--set min_examples.{task}={have.get(task, 0)})"
+            )
 
 
 def _write_shards(table: pa.Table, directory: Path, stem: str, out_root: Path) -> list[dict]:
@@ -161,6 +279,8 @@ def _source_record(c: Collected) -> dict:
         "name": c.name,
         "files": len(c.files),
         "examples": len(c.examples),
+        "per_task": _per_task(c.examples),
+        "documents": len(c.documents),
         "sha256": digest.hexdigest(),
     }
     if len(c.files) <= 20:
@@ -169,18 +289,25 @@ def _source_record(c: Collected) -> dict:
 
 
 def build_corpus(
-    out: str | Path, cfg: CorpusConfig, user_files: list[str | Path] = (), overwrite: bool = False
+    out: str | Path,
+    cfg: CorpusConfig,
+    sources: list[str | Path] = (),
+    overwrite: bool = False,
+    workers: int | None = None,
 ) -> dict:
-    """Build the corpus into `out`; returns the manifest. Every user file is read and checked before
-    anything is written; the output appears complete or not at all."""
+    """Build the corpus into `out`; returns the manifest. `sources`: files in the corpus schema, or
+    KIND:PATH_OR_NAME datasets (adapters.py). Every source is read and checked before anything is
+    written; the output appears complete or not at all."""
     out = Path(out)
-    user_paths = [Path(p) for p in user_files]
     t0 = time.perf_counter()
-    collected = [Collected(f"user:{p}", [p], read_examples(p)) for p in user_paths]  # fail fast on bad input
+    collected = [adapters.collect(str(spec)) for spec in sources]  # fail fast on bad input
+    for c in collected:
+        log.info("source %-16s %s", c.name, _found(c))
     collected = collect_builtin(cfg) + collected
     if not any(c.examples for c in collected):
-        raise ConfigError("the corpus would be empty: use --preset tiny|full or give --source files")
-    by_split = assign_splits(cfg, collected)
+        raise ConfigError("the corpus would be empty: use --preset tiny|full or give --source datasets")
+    by_split, doc_split, near_dups = assign_splits(cfg, collected, workers)
+    check_needs(cfg, by_split)
 
     documents = [d for c in collected for d in c.documents]
     with atomic.staged_dir(out, overwrite=overwrite) as stage:
@@ -198,14 +325,16 @@ def build_corpus(
                 shards += _write_shards(table, stage / "examples" / task, split, stage)
         if documents:
             docs = sorted(documents, key=lambda d: d.doc_id)
+            split = [
+                doc_split.get(d.doc_id) or split_of(d.doc_id, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+                for d in docs
+            ]
             table = pa.Table.from_pydict(
                 {
                     "doc_id": [d.doc_id for d in docs],
                     "title": [d.title for d in docs],
                     "text": [d.text for d in docs],
-                    "split": [
-                        split_of(d.doc_id, cfg.seed, cfg.val_fraction, cfg.test_fraction) for d in docs
-                    ],
+                    "split": split,
                 },
                 schema=DOCUMENT_SCHEMA,
             )
@@ -219,6 +348,7 @@ def build_corpus(
             "total_examples": sum(sum(v.values()) for v in counts.values()),
             "documents": len(documents),
             "sources": [_source_record(c) for c in collected],
+            "near_duplicates": near_dups,
             "shards": shards,
         }
         atomic.write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -1,11 +1,14 @@
 """Debian package descriptions: long description -> one-line synopsis (`summarize`), and the
 descriptions as plain text (`lm`).
 
-Read from the package index under /var/lib/apt/lists (Packages and Translation files, plain or
-lz4/gz/xz compressed) and from /var/lib/dpkg/status. Binary packages built from one source package
-often share their description, so the document is the source package: all its binaries fall in one
-split. Packages indexes without long descriptions (their text is in Translation files) still give
-synopses for `lm`.
+Read from the package index under var/lib/apt/lists (Packages and Translation files, plain or
+lz4/gz/xz compressed) and from var/lib/dpkg/status, below the Debian root: $ODYSSEY_DEBIAN_ROOT, or /
+when unset. These are extras: a machine without them (macOS, Fedora, Alpine, or a root pointed at an
+empty directory) gives no examples here, and the Python sources carry the corpus.
+
+Binary packages built from one source package often share their description, so the document is the
+source package: all its binaries fall in one split. Packages indexes without long descriptions
+(their text is in Translation files) still give synopses for `lm`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import bz2
 import gzip
 import io
 import lzma
+import os
 from pathlib import Path
 
 from debian import deb822
@@ -21,12 +25,21 @@ from debian import deb822
 from odyssey.data.sampling import sample
 from odyssey.data.schema import Collected, Example
 
-STATUS = Path("/var/lib/dpkg/status")
-APT_LISTS = Path("/var/lib/apt/lists")
+ROOT_ENV = "ODYSSEY_DEBIAN_ROOT"
 MIN_LONG_CHARS = 80  # a long description shorter than this is not worth summarising
 
 
-def index_files(apt_lists: Path = APT_LISTS, status: Path = STATUS) -> list[Path]:
+def debian_root() -> Path:
+    """Where Debian's files are looked for: $ODYSSEY_DEBIAN_ROOT, else /. Read at each call, so a test
+    (or a user with a copied tree) can point it elsewhere after import."""
+    return Path(os.environ.get(ROOT_ENV) or "/")
+
+
+def index_files(root: Path | None = None) -> list[Path]:
+    """dpkg's status file and apt's package indexes under root (the Debian root when None), those
+    that exist."""
+    root = debian_root() if root is None else root
+    status, apt_lists = root / "var/lib/dpkg/status", root / "var/lib/apt/lists"
     files = [status] if status.is_file() else []
     if apt_lists.is_dir():
         files += sorted(
@@ -96,7 +109,7 @@ def read_packages(files: list[Path]) -> dict[str, dict[str, str]]:
 
 def collect(limit: int | None, seed: int, files: list[Path] | None = None) -> Collected:
     """Examples from up to `limit` source packages with long descriptions and as many without
-    (all when None), chosen by hash."""
+    (all when None), chosen by hash. None found (not a Debian machine): no files, no examples."""
     files = index_files() if files is None else files
     packages = read_packages(files)
     by_source: dict[str, list[str]] = {}

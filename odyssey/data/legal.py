@@ -1,8 +1,13 @@
 """Legal documents: query -> relevant passage (`find`), whole documents for the retrieval index, and
 their text (`lm`).
 
-Documents: the license texts in /usr/share/common-licenses and every package's
-/usr/share/doc/*/copyright file. A passage is a paragraph (a stanza, in machine-readable copyright
+Documents, wherever they are found:
+- Debian's license texts (usr/share/common-licenses) and every package's usr/share/doc/*/copyright
+  file, below the Debian root ($ODYSSEY_DEBIAN_ROOT, else /), when the machine has them;
+- the license files that installed Python distributions bundle (pydist.py): on every machine.
+The same file reached twice (a link, or one vendored license in many wheels) is listed once.
+
+A passage is a paragraph (a stanza, in machine-readable copyright
 files), long ones cut at line boundaries, and always an exact substring of its document, so a search
 hit can be reported with character offsets. The same license text is pasted into hundreds of copyright
 files: a passage is kept only the first time its text appears, so no passage can sit in two splits.
@@ -15,17 +20,19 @@ Queries, without a language model to paraphrase:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
 from pathlib import Path
 
+from odyssey.data import pydist
+from odyssey.data.debian import debian_root
 from odyssey.data.sampling import sample
 from odyssey.data.schema import Collected, Document, Example
 from odyssey.data.text import chunks
 
-COMMON_LICENSES = Path("/usr/share/common-licenses")
-DOC_ROOT = Path("/usr/share/doc")
+LICENSE_PREFIX = "legal:common-licenses/"  # Debian's license texts: always all of them
 MAX_PASSAGE_CHARS = 1500
 MIN_PASSAGE_CHARS = 80
 KEYWORDS_PER_QUERY = 6
@@ -88,23 +95,35 @@ _STOPWORDS = frozenset(
 )
 
 
-def documents(
-    common_licenses: Path = COMMON_LICENSES, doc_root: Path = DOC_ROOT
-) -> list[tuple[str, str, Path]]:
-    """(doc_id, title, path) of every legal document, license texts first; links to the same file once."""
-    docs, seen = [], set()
+def documents(root: Path | None = None) -> list[tuple[str, str, Path]]:
+    """(doc_id, title, path) of every legal document: Debian's license texts, then its copyright
+    files (both under root, the Debian root when None, if there), then the Python distributions'
+    license files. A file reached by two paths, or with the same bytes as one listed, is listed once."""
+    listed, seen_paths, seen_digests = [], set(), set()
+    for doc_id, title, path in [*debian_documents(root), *pydist.license_files()]:
+        real = path.resolve()
+        if real in seen_paths or not real.is_file():
+            continue
+        seen_paths.add(real)
+        digest = hashlib.sha256(real.read_bytes()).digest()
+        if digest not in seen_digests:
+            seen_digests.add(digest)
+            listed.append((doc_id, title, path))
+    return listed
+
+
+def debian_documents(root: Path | None = None) -> list[tuple[str, str, Path]]:
+    """Debian's license texts and packages' copyright files under root; none off Debian."""
+    root = debian_root() if root is None else root
+    common_licenses, doc_root = root / "usr/share/common-licenses", root / "usr/share/doc"
+    docs = []
     if common_licenses.is_dir():
-        for path in sorted(common_licenses.iterdir()):
-            real = path.resolve()
-            if real.is_file() and real not in seen:
-                seen.add(real)
-                docs.append((f"legal:common-licenses/{path.name}", path.name, path))
+        docs += [(f"{LICENSE_PREFIX}{p.name}", p.name, p) for p in sorted(common_licenses.iterdir())]
     if doc_root.is_dir():
-        for path in sorted(doc_root.glob("*/copyright")):
-            real = path.resolve()
-            if real.is_file() and real not in seen:
-                seen.add(real)
-                docs.append((f"legal:copyright/{path.parent.name}", path.parent.name, path))
+        docs += [
+            (f"legal:copyright/{p.parent.name}", p.parent.name, p)
+            for p in sorted(doc_root.glob("*/copyright"))
+        ]
     return docs
 
 
@@ -167,12 +186,11 @@ def _normalized(passage: str) -> str:
     return " ".join(passage.lower().split())
 
 
-def collect(
-    limit: int | None, seed: int, common_licenses: Path = COMMON_LICENSES, doc_root: Path = DOC_ROOT
-) -> Collected:
-    """Examples from every license text and up to `limit` copyright files (all when None)."""
-    listed = documents(common_licenses, doc_root)
-    licenses = [d for d in listed if d[0].startswith("legal:common-licenses/")]
+def collect(limit: int | None, seed: int, root: Path | None = None) -> Collected:
+    """Examples from every Debian license text and up to `limit` other documents (copyright files,
+    Python distributions' license files; all when None). root: the Debian root (see documents)."""
+    listed = documents(root)
+    licenses = [d for d in listed if d[0].startswith(LICENSE_PREFIX)]
     chosen = licenses + sample([d for d in listed if d not in licenses], limit, seed, key=lambda d: d[0])
 
     docs: list[Document] = []

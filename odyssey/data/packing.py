@@ -7,33 +7,44 @@ train on their target and <|eos|>, never on the prompt; `lm` text trains on ever
 Blocks are packed per task, so training can weigh the tasks (a mixture) without re-tokenizing. A task
 example is never split across blocks (its target without its prompt would teach nothing): when the
 next example does not fit, the rest of the block is padding. One longer than a block is cut, input
-first. `lm` text is one stream cut into blocks.
+first. `lm` text is one stream per unit cut into blocks (its last block padded).
+
+The work comes in units: one row group of one corpus shard of one task's split (corpus.py writes row
+groups of 10,000 examples). A unit is read, shuffled with its own seed, encoded, packed and written as
+one blocks shard by itself, so memory holds one row group per worker whatever the corpus size, and the
+output depends on nothing but the unit: in-process or on Ray Data, with any number of workers, the
+same corpus, tokenizer and seed give byte-identical shards.
 
 Output (published complete or not at all):
-    {out}/{task}/{split}-00000.parquet   columns input_ids, loss_mask: fixed_size_list<int32|uint8>[seq_len+1]
+    {out}/{task}/{split}-00000.parquet   one per unit, in unit order; columns input_ids, loss_mask:
+                                         fixed_size_list<int32|uint8>[seq_len+1]
     {out}/manifest.json                  seq_len, tokenizer fingerprint, counts, shard sha256, throughput
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tokenizers import Tokenizer as HFTokenizer
 
 from odyssey import atomic
-from odyssey.data.corpus import MANIFEST, read_manifest, read_split
+from odyssey.data.corpus import MANIFEST, read_manifest
+from odyssey.data.parallel import ordered_map, where
 from odyssey.errors import ConfigError
+from odyssey.progress import Progress
 from odyssey.tasks import SPLITS, TASKS
 from odyssey.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-SHARD_BLOCKS = 20_000
 
 
 def pack_examples(
@@ -113,45 +124,152 @@ def blocks_table(ids: np.ndarray, mask: np.ndarray) -> pa.Table:
     )
 
 
-def _pack_split(corpus: Path, tok: Tokenizer, task: str, split: str, capacity: int, seed: int, stage: Path):
-    """Read, encode, pack and write one task's split. Returns (counts, shards, tokens encoded)."""
-    table = read_split(corpus, task, split, ["input", "target"])
-    order = np.random.default_rng([seed, TASKS.index(task), SPLITS.index(split)]).permutation(table.num_rows)
-    all_targets = table.column("target").to_pylist()
-    targets = [all_targets[i] for i in order]
-    stats = {"truncated_examples": 0, "cut_targets": 0}
+# --- units of work -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one corpus shard of one task's split: what a worker packs at a time."""
+
+    index: int  # position in the run's order: task, split, shard, row group
+    task: str
+    split: str
+    shard: int  # the corpus shard's position among its split's shards
+    row_group: int
+    part: int  # position among its split's units: names the blocks shard it writes
+    source: str  # the corpus shard, an absolute path
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What a unit reports to the driver: its counts and its blocks shard ("" when it packed nothing)."""
+
+    unit: int
+    task: str
+    split: str
+    examples: int
+    blocks: int
+    trained_tokens: int
+    non_pad: int  # tokens of its blocks that are not padding
+    truncated_examples: int
+    cut_targets: int
+    tokens: int  # produced by the tokenizer: no padding, no control tokens
+    path: str  # relative to the output directory
+    sha256: str
+
+
+def plan_units(corpus: Path) -> list[Unit]:
+    """Every unit of a corpus, in the run's order: task, split, shard, row group."""
+    units: list[Unit] = []
+    for task in TASKS:
+        for split in SPLITS:
+            part = 0
+            for shard, path in enumerate(sorted((corpus / "examples" / task).glob(f"{split}-*.parquet"))):
+                for row_group in range(pq.ParquetFile(path).num_row_groups):
+                    units.append(Unit(len(units), task, split, shard, row_group, part, str(path.resolve())))
+                    part += 1
+    return units
+
+
+def _encode_and_pack(
+    tok: Tokenizer, task: str, inputs: list[str], targets: list[str], capacity: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, int], int]:
+    """Blocks, loss masks, cut counts and tokens encoded of one unit's (shuffled) examples."""
     if task == "lm":
         tgt_ids = tok.encode_batch(targets) if targets else []
-        n_tokens = sum(map(len, tgt_ids))
         ids, mask = pack_stream(tok, tgt_ids, capacity)
-    else:
-        all_inputs = table.column("input").to_pylist()
-        inputs = [all_inputs[i] for i in order]
-        encoded = tok.encode_batch(inputs + targets) if targets else []  # one batch: better core use
-        in_ids, tgt_ids = encoded[: len(inputs)], encoded[len(inputs) :]
-        n_tokens = sum(map(len, encoded))
-        ids, mask, stats = pack_examples(tok, task, in_ids, tgt_ids, capacity)
-    counts = {
-        "examples": table.num_rows,
-        "blocks": int(ids.shape[0]),
-        "trained_tokens": int(mask.sum()),
-        "filled": round(float((ids != tok.pad_id).mean()) if ids.size else 0.0, 4),
+        return ids, mask, {"truncated_examples": 0, "cut_targets": 0}, sum(map(len, tgt_ids))
+    encoded = tok.encode_batch(inputs + targets) if targets else []  # one batch: better core use
+    in_ids, tgt_ids = encoded[: len(inputs)], encoded[len(inputs) :]
+    ids, mask, stats = pack_examples(tok, task, in_ids, tgt_ids, capacity)
+    return ids, mask, stats, sum(map(len, encoded))
+
+
+def pack_unit(unit: Unit, tok: Tokenizer, capacity: int, seed: int, out: Path) -> UnitResult:
+    """Read, shuffle, encode, pack and write one unit into `out` (the staged output directory)."""
+    table = pq.ParquetFile(unit.source).read_row_group(unit.row_group, columns=["input", "target"])
+    key = [seed, TASKS.index(unit.task), SPLITS.index(unit.split), unit.shard, unit.row_group]
+    table = table.take(np.random.default_rng(key).permutation(table.num_rows))
+    inputs, targets = table.column("input").to_pylist(), table.column("target").to_pylist()
+    ids, mask, stats, tokens = _encode_and_pack(tok, unit.task, inputs, targets, capacity)
+    path, sha256 = "", ""
+    if ids.shape[0]:
+        path = f"{unit.task}/{unit.split}-{unit.part:05d}.parquet"
+        (out / unit.task).mkdir(parents=True, exist_ok=True)
+        pq.write_table(blocks_table(ids, mask), out / path, compression="zstd")
+        sha256 = atomic.sha256_file(out / path)
+    return UnitResult(
+        unit=unit.index,
+        task=unit.task,
+        split=unit.split,
+        examples=table.num_rows,
+        blocks=int(ids.shape[0]),
+        trained_tokens=int(mask.sum()),
+        non_pad=int((ids != tok.pad_id).sum()),
+        tokens=tokens,
+        path=path,
+        sha256=sha256,
         **stats,
+    )
+
+
+@dataclass(frozen=True)
+class UnitPacker:
+    """pack_unit as one picklable callable for parallel.ordered_map: it carries the tokenizer as JSON
+    and each process builds it once (_tokenizer), wherever the units run."""
+
+    tokenizer_json: str
+    capacity: int
+    seed: int
+    out: str
+
+    def __call__(self, unit: Unit) -> UnitResult:
+        return pack_unit(unit, _tokenizer(self.tokenizer_json), self.capacity, self.seed, Path(self.out))
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(spec: str) -> Tokenizer:
+    return Tokenizer(HFTokenizer.from_str(spec))
+
+
+# --- the whole corpus ------------------------------------------------------------------------------------
+
+
+def _split_counts(results: list[UnitResult], capacity: int) -> dict:
+    blocks = sum(r.blocks for r in results)
+    non_pad = sum(r.non_pad for r in results)
+    return {
+        "examples": sum(r.examples for r in results),
+        "blocks": blocks,
+        "trained_tokens": sum(r.trained_tokens for r in results),
+        "filled": round(non_pad / (blocks * capacity), 4) if blocks else 0.0,
+        "truncated_examples": sum(r.truncated_examples for r in results),
+        "cut_targets": sum(r.cut_targets for r in results),
     }
-    shards = []
-    for i in range(0, ids.shape[0], SHARD_BLOCKS):
-        path = stage / task / f"{split}-{i // SHARD_BLOCKS:05d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = slice(i, i + SHARD_BLOCKS)
-        pq.write_table(blocks_table(ids[part], mask[part]), path, compression="zstd")
-        shards.append(
-            {
-                "path": path.relative_to(stage).as_posix(),
-                "blocks": int(ids[part].shape[0]),
-                "sha256": atomic.sha256_file(path),
-            }
-        )
-    return counts, shards, n_tokens
+
+
+def _counts(results: list[UnitResult], capacity: int) -> dict[str, dict[str, dict]]:
+    """The manifest's counts: per task and split, summed over their units."""
+    return {
+        task: {
+            split: _split_counts([r for r in results if (r.task, r.split) == (task, split)], capacity)
+            for split in SPLITS
+        }
+        for task in TASKS
+    }
+
+
+def _gather(running: Iterator[UnitResult], total: int) -> list[UnitResult]:
+    """Every unit's result as it finishes, with a progress line (units done, tokens/s, ETA); returned in
+    unit order, so the manifest does not depend on which worker finished first."""
+    progress = Progress(total, unit="tok", emit=log.info)
+    results: list[UnitResult] = []
+    tokens = 0
+    for result in running:
+        results.append(result)
+        tokens += result.tokens
+        progress.update(len(results), tokens)
+    return sorted(results, key=lambda r: r.unit)
 
 
 def pack_corpus(
@@ -161,27 +279,30 @@ def pack_corpus(
     out: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> dict:
-    """Tokenize and pack every task and split of a corpus. Returns the blocks manifest."""
+    """Tokenize and pack every task and split of a corpus, unit by unit. Returns the blocks manifest.
+
+    workers: where the units run (parallel.ordered_map): 0 in this process; None on Ray Data when this
+    process is connected to a cluster (every CPU), else in this process; n > 0 on Ray Data, n tasks at a
+    time. The output is the same bytes whichever runs it. On Ray the tasks read the corpus and write the
+    blocks themselves: on one machine any local path will do, on a cluster of several the corpus and
+    `out` must be on a file system every node mounts at the same path (NFS, ...).
+    """
     corpus = Path(corpus)
     corpus_manifest = read_manifest(corpus)
     if seq_len < 8:
         raise ConfigError(f"seq_len={seq_len} is too short; use 8 or more")
     out = Path(out) if out is not None else corpus / f"blocks-{seq_len}"
-    jobs = [(task, split) for task in TASKS for split in SPLITS]
+    units = plan_units(corpus)
+    capacity = seq_len + 1
     t0 = time.perf_counter()
     with atomic.staged_dir(out, overwrite=overwrite) as stage:
-        # Two splits in flight: while one holds the GIL packing in Python, the other is encoding in
-        # Rust on every core (encode_batch releases the GIL). Results come back in job order.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(
-                pool.map(lambda job: _pack_split(corpus, tok, *job, seq_len + 1, seed, stage), jobs)
-            )
+        stage = stage.resolve()  # the workers' working directory is not ours
+        packer = UnitPacker(tok.to_json(), capacity, seed, str(stage))
+        results = _gather(ordered_map(packer, units, workers), len(units))
         seconds = time.perf_counter() - t0
-        tokens = sum(r[2] for r in results)
-        counts: dict[str, dict[str, dict]] = {task: {} for task in TASKS}
-        for (task, split), (split_counts, _, _) in zip(jobs, results):
-            counts[task][split] = split_counts
+        tokens = sum(r.tokens for r in results)
         manifest = {
             "format": "odyssey-blocks/1",
             "seq_len": seq_len,
@@ -190,15 +311,23 @@ def pack_corpus(
             "vocab_size": tok.vocab_size,
             "corpus_manifest_sha256": atomic.sha256_file(corpus / MANIFEST),
             "corpus_seed": corpus_manifest["seed"],
-            "counts": counts,
+            "counts": _counts(results, capacity),
             "tokens": tokens,  # produced by the tokenizer: no padding, no control tokens
             "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / max(seconds, 1e-9)),
-            "shards": [shard for r in results for shard in r[1]],
+            "units": len(units),
+            "ran": where(workers),
+            "shards": [{"path": r.path, "blocks": r.blocks, "sha256": r.sha256} for r in results if r.path],
         }
         atomic.write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     log.info(
-        "packed %d tokens into %s in %.1fs (%.0f tokens/s)", tokens, out, seconds, tokens / max(seconds, 1e-9)
+        "packed %d tokens into %s in %.1fs (%.0f tokens/s, %d units, %s)",
+        tokens,
+        out,
+        seconds,
+        tokens / max(seconds, 1e-9),
+        len(units),
+        where(workers),
     )
     return manifest
 
