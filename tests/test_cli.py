@@ -39,6 +39,9 @@ def test_build_tokenize_pack(tmp_path):
     packed = odyssey("data", "pack", "--corpus", str(corpus), "--seq-len", "64")
     assert packed.returncode == 0, packed.stderr
     assert last_json(packed.stdout)["tokens"] > 0 and (corpus / "blocks-64" / "manifest.json").is_file()
+    # Both ran as Ray Data pipelines on an embedded cluster, with progress lines (units, rate, ETA).
+    assert last_json(packed.stdout)["ran"].startswith("Ray Data") and "eta" in packed.stderr
+    assert "near-duplicate signatures" in built.stderr and "Ray Data" in built.stderr
 
 
 @pytest.mark.parametrize(

@@ -41,10 +41,11 @@ import pyarrow.parquet as pq
 from odyssey import __version__, atomic
 from odyssey.config import to_dict
 from odyssey.data import adapters, debian, legal, moderation, neardup, pydist, python_stdlib
-from odyssey.data.parallel import ordered_map
+from odyssey.data.parallel import ordered_map, where
 from odyssey.data.sampling import split_of, unit_hash
 from odyssey.data.schema import DOCUMENT_SCHEMA, SCHEMA, Collected, Example
 from odyssey.errors import ConfigError, SchemaError
+from odyssey.progress import Progress
 from odyssey.tasks import SPLITS, TASKS
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,21 @@ def _unique(collected: list[Collected]) -> list[Example]:
     return out
 
 
+def signatures(texts: list[str], workers: int | None = None) -> np.ndarray:
+    """neardup.signatures of every text, chunk by chunk (parallel.ordered_map), with a progress line."""
+    chunks = [texts[i : i + SIGNATURE_CHUNK] for i in range(0, len(texts), SIGNATURE_CHUNK)]
+    log.info(
+        "near-duplicate signatures of %d texts in %d chunks, %s", len(texts), len(chunks), where(workers)
+    )
+    progress = Progress(len(chunks), unit="texts", emit=log.info)
+    out, done = [], 0
+    for sigs in ordered_map(neardup.signatures, chunks, workers):
+        out.append(sigs)
+        done += len(sigs)
+        progress.update(len(out), done)
+    return np.concatenate(out)
+
+
 def near_duplicate_groups(
     cfg: CorpusConfig, examples: list[Example], workers: int | None = None
 ) -> tuple[dict[str, str], dict]:
@@ -183,10 +199,8 @@ def near_duplicate_groups(
     docs = sorted({ex.doc_id for ex in examples})
     if cfg.near_duplicates is None:
         return {d: d for d in docs}, {"threshold": None, "documents": len(docs), "groups": len(docs)}
-    texts = [_key(ex) for ex in examples]
-    chunks = [texts[i : i + SIGNATURE_CHUNK] for i in range(0, len(texts), SIGNATURE_CHUNK)]
     t0 = time.perf_counter()
-    sigs = np.concatenate(list(ordered_map(neardup.signatures, chunks, workers))) if chunks else None
+    sigs = signatures([_key(ex) for ex in examples], workers)
     groups, stats = neardup.group([ex.doc_id for ex in examples], sigs, cfg.near_duplicates)
     log.info(
         "near-duplicates (Jaccard >= %.2f): %d documents in %d groups, %d merged into another's group (%.1fs)",
