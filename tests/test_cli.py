@@ -21,10 +21,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-SMALL = [
-    *("--set", "max_docs.debian=20", "--set", "max_docs.python_stdlib=5", "--set", "max_docs.legal=5"),
-    *("--set", "max_docs.python_packages=20", "--set", "min_examples.code=10"),
-]
+SMALL = ["--set", "max_docs.debian=20", "--set", "max_docs.legal=5"]
 
 
 def test_build_tokenize_pack(tmp_path):
@@ -56,7 +53,7 @@ def test_build_tokenize_pack(tmp_path):
         (["--preset", "none"], "the corpus would be empty"),
         (
             ["--set", "max_docs.python_stdlib=1", "--set", "max_docs.python_packages=1"],
-            "task 'code': 0 training examples, the 'tiny' preset needs 50",
+            "task 'find': no val or test examples to evaluate it on",
         ),
     ],
 )

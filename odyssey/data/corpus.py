@@ -256,15 +256,25 @@ def assign_splits(
 
 
 def check_needs(cfg: CorpusConfig, by_split: dict[str, list[Example]]) -> None:
-    """A task with fewer training examples than the preset needs is an error that says what to do."""
-    have = _per_task(by_split["train"])
+    """A task with fewer training examples than the preset needs, or none held out to evaluate it on, is
+    an error that says what to do."""
+    fixes = (
+        f"bring a dataset (`--source KIND:PATH`, kinds: {', '.join(adapters.KINDS)}) or read more documents "
+        "(--set max_docs.SOURCE=N)"
+    )
+    have = {split: _per_task(examples) for split, examples in by_split.items()}
     for task, need in cfg.min_examples.items():
-        if have.get(task, 0) < need:
+        train = have["train"].get(task, 0)
+        if train < need:
             raise ConfigError(
-                f"task '{task}': {have.get(task, 0)} training examples, the '{cfg.preset}' preset needs {need}. "
-                f"The sources on this machine give too few: bring a dataset (`--source KIND:PATH`, kinds: "
-                f"{', '.join(adapters.KINDS)}), read more documents (--set max_docs.SOURCE=N), or accept "
-                f"fewer (--set min_examples.{task}={have.get(task, 0)})"
+                f"task '{task}': {train} training examples, the '{cfg.preset}' preset needs {need}. The sources "
+                f"on this machine give too few: {fixes}, or accept fewer (--set min_examples.{task}={train})"
+            )
+        empty = [split for split in ("val", "test") if need and not have[split].get(task)]
+        if empty:
+            raise ConfigError(
+                f"task '{task}': no {' or '.join(empty)} examples to evaluate it on ({train} training examples "
+                f"from too few documents or near-duplicate groups): {fixes}, or raise val_fraction/test_fraction"
             )
 
 

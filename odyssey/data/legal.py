@@ -193,21 +193,29 @@ def collect(limit: int | None, seed: int, root: Path | None = None) -> Collected
     licenses = [d for d in listed if d[0].startswith(LICENSE_PREFIX)]
     chosen = licenses + sample([d for d in listed if d not in licenses], limit, seed, key=lambda d: d[0])
 
-    docs: list[Document] = []
-    kept: list[tuple[str, str, list[str]]] = []  # doc_id, title, passages seen here first
-    seen: set[str] = set()
+    docs = []
     for doc_id, title, path in chosen:
         text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            continue
-        docs.append(Document(doc_id, title, text))
+        if text.strip():
+            docs.append(Document(doc_id, title, text))
+    examples = find_examples(docs, with_text=True)
+    return Collected("legal", [path for _, _, path in chosen], examples, docs)
+
+
+def find_examples(docs: list[Document], with_text: bool = False) -> list[Example]:
+    """`find` examples of documents: each passage seen for the first time, with its query (a heading,
+    a copyright stanza's question, else its rarest words); with_text: also the passages as `lm` text.
+    Used for license texts here and for the language reference (python_stdlib.py)."""
+    kept: list[tuple[str, str, list[str]]] = []  # doc_id, title, passages seen here first
+    seen: set[str] = set()
+    for doc in docs:
         fresh = []
-        for passage in split_passages(text):
+        for passage in split_passages(doc.text):
             key = _normalized(passage)
             if key not in seen:
                 seen.add(key)
                 fresh.append(passage)
-        kept.append((doc_id, title, fresh))
+        kept.append((doc.doc_id, doc.title, fresh))
 
     # Inverse document frequency over passages, for keyword queries.
     df = Counter(w for _, _, ps in kept for p in ps for w in {w.lower() for w in _WORD.findall(p)})
@@ -219,6 +227,7 @@ def collect(limit: int | None, seed: int, root: Path | None = None) -> Collected
         for passage in passages:
             query = structured_query(passage, title) or keyword_query(passage, title, idf)
             examples.append(Example("find", query, passage, doc_id))
-        text = "\n\n".join(passages)
-        examples.extend(Example("lm", "", chunk, doc_id) for chunk in chunks(text, LM_CHUNK_CHARS))
-    return Collected("legal", [path for _, _, path in chosen], examples, docs)
+        if with_text:
+            text = "\n\n".join(passages)
+            examples.extend(Example("lm", "", chunk, doc_id) for chunk in chunks(text, LM_CHUNK_CHARS))
+    return examples

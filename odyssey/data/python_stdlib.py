@@ -1,6 +1,7 @@
 """The Python standard library's source: docstrings -> their first line (`summarize`), signature +
 docstring -> function body (`code`), and the source itself (`lm`); plus the language reference
-topics of `pydoc_data` as text (`lm`).
+topics of `pydoc_data` as text (`lm`) and as documents to search (`find`: a paragraph from its words,
+legal.find_examples), which every Python installation has.
 
 Modules are parsed with `ast`, never imported (importing some stdlib modules opens windows or
 browsers). The document is the module file, so a module's docstrings, functions and source all
@@ -14,8 +15,9 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+from odyssey.data import legal
 from odyssey.data.sampling import sample
-from odyssey.data.schema import Collected, Example
+from odyssey.data.schema import Collected, Document, Example
 from odyssey.data.text import chunks
 
 # Directories that hold tests, vendored third-party code, or data tables rather than library code.
@@ -118,7 +120,10 @@ def collect(limit: int | None, seed: int, root: Path | None = None) -> Collected
         source = path.read_text(encoding="utf-8", errors="replace")
         examples.extend(examples_of_module(source, f"python:{rel}"))
     topics = _pydoc_topics()
-    for name in sample(sorted(topics), limit, seed, key=str):
-        doc_id = f"pydoc:{name}"
-        examples.extend(Example("lm", "", chunk, doc_id) for chunk in chunks(topics[name], LM_CHUNK_CHARS))
-    return Collected("python_stdlib", files, examples)
+    docs = [
+        Document(f"pydoc:{name}", name, topics[name]) for name in sample(sorted(topics), limit, seed, key=str)
+    ]
+    for doc in docs:
+        examples.extend(Example("lm", "", chunk, doc.doc_id) for chunk in chunks(doc.text, LM_CHUNK_CHARS))
+    examples.extend(legal.find_examples(docs))  # the reference's paragraphs, found by their words
+    return Collected("python_stdlib", files, examples, docs)
