@@ -11,9 +11,9 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx soak demo autoscaler
+BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx soak demo autoscaler tasks
 
-.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx bench-soak bench-demo bench-autoscaler setup clean
+.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx bench-soak bench-demo bench-autoscaler bench-tasks setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -58,6 +58,9 @@ bench-demo: $(STAMP)  # ~15 minutes on 2 cores: `odyssey demo`, then its model u
 
 bench-autoscaler: $(STAMP)  # ~5 minutes on 2 cores: the README's laptop workflow, timed
 	$(BIN)/python bench/autoscaler.py $(ARGS)
+
+bench-tasks: $(STAMP)  # ~40 minutes on 2 cores: 25 min of training `tiny-cpu` on the full corpus, then every task vs its baseline
+	$(BIN)/python bench/tasks.py $(ARGS)
 
 setup: $(STAMP)
 

@@ -132,6 +132,59 @@ def autoscaler(f: dict) -> list[tuple]:
     ]  # fmt: skip
 
 
+def tasks(f: dict) -> list[tuple]:
+    tr, find, mod = f["training"], f["find"]["all"], f["moderate"].get("rules_hidden")
+    budget = f"`{tr['recipe']}`, {tr['steps']} steps ({tr['wall_s'] / 60:.0f} min)"
+    rows = [
+        (
+            f"find MRR, {budget}: dense embedding vs BM25",
+            f"{find['dense']['mrr']:.3f}",
+            f"{find['bm25']['mrr']:.3f}",
+            _ratio(find["dense"]["mrr"], find["bm25"]["mrr"]),
+        ),
+        (
+            "find MRR: dense embedding vs the mean-pooled one of the same model (target 2x)",
+            f"{find['dense']['mrr']:.3f}",
+            f"{find['mean_pooled']['mrr']:.3f}",
+            _ratio(find["dense"]["mrr"], find["mean_pooled"]["mrr"]),
+        ),
+    ]
+    if mod:
+        model, rules = mod["model"]["unsafe_macro_f1"], mod["rules"]["unsafe_macro_f1"]
+        rows.append(
+            (
+                "moderation, unsafe content no rule sees: macro F1 of the model vs the rules",
+                _f(model),
+                _f(rules),
+                _ratio(model, rules),
+            )
+        )
+    code, summ = f["code"], f["summarize"]
+    rows += [
+        (
+            f"code: pass rate of executable checks ({code['checks'] or 0} checks)",
+            _f(code["pass_rate"]),
+            "goal > 0",
+            None,
+        ),
+        (
+            "summaries: ROUGE-L of the model vs the lead sentence",
+            _f(summ["rouge_l"]),
+            _f(summ["lead_sentence_rouge_l"]),
+            _ratio(summ["rouge_l"], summ["lead_sentence_rouge_l"]),
+        ),
+    ]
+    return rows
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _ratio(ours: float | None, baseline: float | None) -> float | None:
+    return None if ours is None or not baseline else ours / baseline
+
+
 HEADLINES = {
     "data": data,
     "train_throughput": train_throughput,
@@ -143,6 +196,7 @@ HEADLINES = {
     "soak": soak,
     "demo": demo,
     "autoscaler": autoscaler,
+    "tasks": tasks,
 }
 
 

@@ -35,10 +35,10 @@ import torch
 
 from bench import report
 from odyssey import artifact, cluster
+from odyssey.decoding import BatchDecoder, GenerationParams
 from odyssey.model import PRESETS, Transformer, pad_vocab
 from odyssey.tasks import ANSWERS
 from odyssey.tokenizer import Tokenizer
-from serve.generation import BatchDecoder, GenerationParams
 
 GEN_TOKENS = 16
 MOD_TEXT = "Please call me back at the number I gave you yesterday, it is about the invoice."

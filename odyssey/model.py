@@ -3,6 +3,8 @@
 Read top to bottom: the config and its named presets, the building blocks (RMSNorm, rotary
 embeddings, attention, SwiGLU), then the model: a training forward, and for inference a prefill/decode
 pair over a KV cache with `generate`, `embed` (for passage search) and `score` (for label scoring).
+One forward serves training: the language-model loss, or with `embed_valid` the rows' embeddings
+that train/'s contrastive objective trains (and `embed` reads at inference, the same function).
 
 Nothing here knows about Ray or DeepSpeed: train/ and serve/ wrap this module from the outside.
 
@@ -286,12 +288,16 @@ class Transformer(nn.Module):
 
     # --- training ----------------------------------------------------------------------------------
 
-    def forward(self, input_ids, targets=None, loss_mask=None):
+    def forward(self, input_ids, targets=None, loss_mask=None, embed_valid=None):
         """input_ids (B, T) -> logits (B, T, V); with targets (B, T): the mean cross-entropy over the
-        positions where loss_mask (B, T) is set (all positions when it is None)."""
+        positions where loss_mask (B, T) is set (all positions when it is None). With embed_valid (B, T)
+        instead: left-padded rows (True on real tokens) -> their embeddings (B, D), see `embedding`.
+        (One forward for both, so DeepSpeed's engine runs either.)"""
         T = input_ids.shape[1]
         if self.cfg.max_seq_len < T:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if embed_valid is not None:
+            return self.embedding(input_ids, embed_valid)
         h = self.hidden_states(input_ids, self.rope_cos[:T], self.rope_sin[:T])
         logits = self._logits(h)
         if targets is None:
@@ -380,10 +386,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], max_len: int, pad_id: int = 0):
         """Run left-padded prompts through the model, filling a fresh KV cache of max_len positions.
-        Returns the next-token logits (B, V) and the cache."""
+        Returns the next-token logits (B, V) and the cache. Positions count per row, so max_len may
+        pass max_seq_len when a short prompt decodes further than the longest: each row's own prompt
+        plus its new tokens must fit the context (the caller checks it; `generate` does)."""
         ids, valid = self._left_pad(prompts, pad_id)
         B, T = ids.shape
-        if max_len > self.cfg.max_seq_len or max_len < T:
+        if self.cfg.max_seq_len < T or max_len < T:
             raise ValueError(f"{T} prompt tokens, room for {max_len}, max_seq_len={self.cfg.max_seq_len}")
         cache = KVCache(self.cfg, B, max_len, ids.device, self.tok_emb.weight.dtype)
         cache.valid[:, :T] = valid
@@ -399,7 +407,9 @@ class Transformer(nn.Module):
         if cache.length >= cache.k.shape[3]:
             raise ValueError("the KV cache is full")
         cache.valid[:, cache.length] = True
-        cos, sin = self.rope_at(cache.positions[:, None])
+        # A row that has ended keeps stepping with its neighbours (its tokens are dropped); its position
+        # may pass the context then, so it is held at the last one.
+        cos, sin = self.rope_at(cache.positions[:, None].clamp(max=self.cfg.max_seq_len - 1))
         mask = self._padded_mask(cache.valid[:, : cache.length + 1], cache.length, 1)
         h = self.hidden_states(next_ids[:, None], cos, sin, mask, cache)
         cache.length += 1
@@ -444,18 +454,23 @@ class Transformer(nn.Module):
             logits = self.decode(next_ids, cache)
         return outputs
 
-    @torch.no_grad()
-    def embed(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-        """One unit vector per prompt (B, D): the mean of its tokens' final hidden states."""
-        ids, valid = self._left_pad(prompts, pad_id)
+    def embedding(self, ids, valid):
+        """Left-padded rows (B, T) and their real-token mask (B, T) -> unit vectors (B, D): the final
+        hidden state of each row's last token. Inputs end in the `find` prompt's end-of-input token
+        (odyssey/retrieval.py), whose state has read the whole input; the contrastive objective trains
+        exactly this vector, for queries and passages alike. Differentiable: training calls it too."""
         T = ids.shape[1]
-        if self.cfg.max_seq_len < T:
-            raise ValueError(f"{T} tokens exceed max_seq_len={self.cfg.max_seq_len}")
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         h = self.hidden_states(ids, *self.rope_at(positions), self._padded_mask(valid, 0, T))  # (B, T, D)
-        w = valid.unsqueeze(-1).type_as(h)
-        pooled = (h * w).sum(1) / w.sum(1)
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(h[:, -1].float(), dim=-1)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+        """One unit vector per prompt (B, D): `embedding` of the prompts, left-padded."""
+        ids, valid = self._left_pad(prompts, pad_id)
+        if self.cfg.max_seq_len < ids.shape[1]:
+            raise ValueError(f"{ids.shape[1]} tokens exceed max_seq_len={self.cfg.max_seq_len}")
+        return self.embedding(ids, valid)
 
     @torch.no_grad()
     def score(

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
+from odyssey.answers import AnswerSettings
 from serve.finder import Finder
 from serve.gateway import Gateway, GatewaySettings
 from serve.language_model import LanguageModel, LanguageModelSettings
@@ -60,10 +61,8 @@ class AppArgs(BaseModel):
     model: ModelArgs = Field(default_factory=ModelArgs)
     documents: str | None = None  # Parquet (doc_id, text, title?) for /v1/find; default: local license texts
     max_documents: int | None = Field(100, ge=1)
-    summary_max_tokens: int = Field(64, ge=1)
-    code_max_tokens: int = Field(128, ge=1)
-    code_attempts: int = Field(3, ge=1, le=8)
-    moderation_threshold: float = Field(0.5, gt=0, lt=1)  # flagged when P(safe) falls below it
+    # How each task's answer is decided (odyssey/answers.py): the very object `odyssey eval` answers with.
+    answers: AnswerSettings = Field(default_factory=AnswerSettings)
     # A replica being stopped (scale-down, a new version of the app) takes no new requests and is given
     # this long to finish the ones it has, long streams included, before it is killed.
     drain_timeout_s: float = Field(120.0, gt=0)
@@ -118,10 +117,10 @@ def build_app(args: AppArgs) -> Application:
         "max_ongoing_requests": 256,
         "graceful_shutdown_timeout_s": args.drain_timeout_s,
     }
-    summarizer = Summarizer.options(**light).bind(lm, args.summary_max_tokens)
-    moderator = Moderator.options(**light).bind(lm, args.moderation_threshold)
-    finder = Finder.options(**light).bind(lm, args.documents, args.max_documents)
-    coder = Coder.options(**light).bind(lm, args.code_max_tokens, args.code_attempts)
+    summarizer = Summarizer.options(**light).bind(lm, args.answers)
+    moderator = Moderator.options(**light).bind(lm, args.answers)
+    finder = Finder.options(**light).bind(lm, args.answers, args.documents, args.max_documents)
+    coder = Coder.options(**light).bind(lm, args.answers)
     return Gateway.options(
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=512,

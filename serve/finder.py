@@ -1,4 +1,5 @@
-"""`Finder`: passage search over a pile of documents (serve/passages.py), with the model's embeddings.
+"""`Finder`: passage search over a pile of documents (serve/passages.py), with the model's embeddings
+(odyssey/retrieval.py: the vectors the contrastive objective trains).
 
 At start it cuts the documents into passages (each distinct text once), builds BM25, and embeds every
 passage through the `LanguageModel` handle (batched with everyone else's requests). A query is
@@ -19,6 +20,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from odyssey.answers import AnswerSettings
 from serve.passages import PassageIndex, load_documents, split_documents
 from serve.replica_network import bind_internal_server
 
@@ -32,10 +34,14 @@ ALSO_IN_LISTED = 10  # other places a hit lists: a license paragraph may recur i
 @serve.deployment(name="Finder")
 class Finder:
     async def __init__(
-        self, lm: DeploymentHandle, documents: str | None = None, max_documents: int | None = 100
+        self,
+        lm: DeploymentHandle,
+        settings: AnswerSettings,
+        documents: str | None = None,
+        max_documents: int | None = 100,
     ):
         bind_internal_server()
-        self.lm = lm
+        self.lm, self.settings = lm, settings
         docs = await asyncio.to_thread(load_documents, documents, max_documents)
         passages = split_documents(docs)
         self.index = await asyncio.to_thread(PassageIndex, passages)
@@ -84,7 +90,7 @@ class Finder:
         vector = torch.from_numpy(embedded["vectors"][0])
         if model_id != self.index.model_id:
             self._reembed_in_background()
-        hits = await asyncio.to_thread(self.index.search, query, k, vector, model_id)
+        hits = await asyncio.to_thread(self.index.search, query, k, vector, model_id, self.settings)
         return {
             "passages": [
                 {

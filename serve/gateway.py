@@ -38,6 +38,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from odyssey.decoding import GenerationParams
 from serve import api_keys, schemas
 from serve.errors import (
     InputTooLong,
@@ -50,7 +51,6 @@ from serve.errors import (
     Unauthorized,
     root_cause,
 )
-from serve.generation import GenerationParams
 from serve.replica_network import bind_internal_server
 
 log = logging.getLogger("ray.serve")

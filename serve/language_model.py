@@ -32,12 +32,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from odyssey import artifact, failpoints
+from odyssey import artifact, failpoints, retrieval
+from odyssey.decoding import BatchDecoder, Chunk, GenerationParams
 from odyssey.model import Transformer
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
 from serve.errors import InputTooLong, InvalidRequest
-from serve.generation import BatchDecoder, Chunk, GenerationParams
 from serve.replica_network import bind_internal_server
 
 log = logging.getLogger("ray.serve")
@@ -258,7 +258,8 @@ class LanguageModel:
     # --- embeddings and scores ---------------------------------------------------------------------
 
     async def embed(self, texts: list[str]) -> dict:
-        """Unit vectors (N, D) float32 of texts (each cut to the model's context), and the model id."""
+        """Unit vectors (N, D) float32 of texts (odyssey/retrieval.py: each cut to the model's context),
+        and the model id."""
         return await self._embed_batch(list(texts))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
@@ -266,7 +267,7 @@ class LanguageModel:
         m = self.loaded
         self.batch_sizes["embed"][len(requests)] += 1
         limit = m.model.cfg.max_seq_len
-        rows = [m.tokenizer.encode(t)[:limit] or [m.tokenizer.pad_id] for texts in requests for t in texts]
+        rows = [retrieval.embed_ids(m.tokenizer, t, limit) for texts in requests for t in texts]
         vectors = _in_chunks(lambda part: m.model.embed(part, m.tokenizer.pad_id), rows, len)
         out, start = [], 0
         for texts in requests:

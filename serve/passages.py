@@ -4,10 +4,10 @@ Each distinct passage text is indexed once, with every place it occurs (split_do
 that many documents quote is one search result, not many equal ones.
 
 - BM25 (bm25s) catches exact words: clause numbers, license names, package names.
-- Dense: the model's embedding of each passage, searched exactly (one matrix product; a few hundred
+- Dense: the model's embedding of each passage (odyssey/retrieval.py: trained for it, contrastively), searched exactly (one matrix product; a few hundred
   thousand passages fit before an approximate index would pay off). It catches paraphrases.
-- Reciprocal rank fusion (Cormack et al. 2009) merges the two rankings without calibrating their
-  scores against each other: score = sum over rankings of 1 / (60 + rank).
+- Reciprocal rank fusion (odyssey/retrieval.py, what evaluation fuses with too) merges the two
+  rankings without calibrating their scores against each other: sum over rankings of 1 / (60 + rank).
 
 Dense vectors belong to one model: the index records which (`model_id`) and answers with BM25 alone
 when a query comes embedded by another model (after a redeploy, until the index is re-embedded).
@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from odyssey import answers, retrieval
+from odyssey.answers import AnswerSettings
 from odyssey.bm25 import BM25
 from odyssey.data import debian, legal
 from odyssey.data.schema import Document
 from odyssey.errors import OdysseyError
-
-RRF_K = 60  # the constant of reciprocal rank fusion; 60 is the published default, robust across corpora
 
 
 @dataclass(frozen=True)
@@ -141,21 +141,23 @@ class PassageIndex:
         return self.bm25.scores(query)  # (P,)
 
     def search(
-        self, query: str, k: int, query_vector: torch.Tensor | None = None, model_id: str | None = None
+        self,
+        query: str,
+        k: int,
+        query_vector: torch.Tensor | None = None,
+        model_id: str | None = None,
+        settings: AnswerSettings | None = None,
     ) -> list[Hit]:
-        """The k best passages. query_vector (D,) joins in when it comes from the index's model."""
+        """The k best passages, fused as odyssey/answers.py's settings say (find_depth, find_dense_weight).
+        query_vector (D,) joins in when it comes from the index's model."""
         k = min(k, len(self.passages))
-        depth = min(len(self.passages), max(50, 4 * k))  # how deep each ranking goes into the fusion
+        settings = settings or AnswerSettings()
+        depth = answers.find_depth(settings, k, len(self.passages))
         bm25 = self.bm25_scores(query)
-        fused = np.zeros(len(self.passages), dtype=np.float64)
-        ranked = np.argsort(-bm25, kind="stable")[:depth]
-        ranked = ranked[bm25[ranked] > 0]  # a passage without one query word is no BM25 match
-        fused[ranked] += 1.0 / (RRF_K + 1 + np.arange(len(ranked)))
         dense = None
         if query_vector is not None and self.vectors is not None and model_id == self.model_id:
             dense = (self.vectors @ query_vector.float()).numpy()  # (P,) cosine: both sides unit length
-            top = np.argsort(-dense, kind="stable")[:depth]
-            fused[top] += 1.0 / (RRF_K + 1 + np.arange(len(top)))
+        fused = retrieval.fuse(bm25, dense, depth, settings.find_dense_weight)
         best = np.argsort(-fused, kind="stable")[:k]
         return [
             Hit(

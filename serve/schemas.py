@@ -123,6 +123,7 @@ class RuleHit(BaseModel):
 class ModerateResponse(BaseModel):
     flagged: bool
     verdict: Literal["safe", "unsafe"]
+    categories: list[str]  # the labels that apply (odyssey/answers.py), or ["safe"]
     labels: list[LabelScore]  # every label, most likely first
     rules: list[RuleHit]  # labels found by rule: on whatever the model scored
     model: str

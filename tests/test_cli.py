@@ -52,8 +52,15 @@ def test_build_tokenize_pack(tmp_path):
         ),
         (["--preset", "none"], "the corpus would be empty"),
         (
-            ["--set", "max_docs.python_stdlib=1", "--set", "max_docs.python_packages=1"],
-            "task 'find': no val or test examples to evaluate it on",
+            [
+                "--set",
+                "max_docs.python_stdlib=1",
+                "--set",
+                "min_examples.code=0",
+                "--set",
+                "val_fraction=0",
+            ],
+            "task 'summarize': no val examples to evaluate it on",
         ),
     ],
 )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from odyssey import artifact
+from odyssey.answers import AnswerSettings
 from odyssey.data.corpus import CorpusConfig, build_corpus
 from odyssey.evaluation import inference
 from odyssey.evaluation.runner import evaluate
@@ -63,21 +64,29 @@ def test_every_task_is_scored_with_bm25_beside_the_model(ray_cluster, held_out, 
     # Each query names a word only its own passage holds: BM25 ranks every right passage first.
     assert tasks["find"]["bm25"] == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "mrr": 1.0}
     assert tasks["find"]["n"] == 3 and tasks["find"]["passages"] == 3
-    # The model's ranking, recomputed here in-process from its embeddings: the report's MRR is that one.
+    # The model's ranking, recomputed here in-process from its embeddings: the report's dense MRR is that
+    # one; the served figure fuses it with BM25 as /v1/find does.
     model, tok, _ = artifact.load(exported_models[0])
     find = [(q, p) for task, q, p in ROWS if task == "find"]
     queries = inference.embed(model, tok, [q for q, _ in find])
     passages = inference.embed(model, tok, [p for _, p in find])
     sims = queries @ passages.T
     ranks = [int((sims[i] >= sims[i, i]).sum()) for i in range(len(find))]  # ties count against
-    assert tasks["find"]["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-6)
+    assert tasks["find"]["dense"]["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-6)
+    assert tasks["find"]["mrr"] == tasks["find"]["hybrid"]["mrr"]
+    assert tasks["find"]["fusion_mrr"]["0.0"] == 1.0  # the model's weight 0: BM25's ranking alone
     # One executable check (add: a plain function whose reference passes); the method has none. Its
     # verdict is the one the model's greedy answer gets here.
     add = {"task": "code", "input": ADD, "target": "    return a + b", "doc_id": "d7"}
-    verdict = inference.code(model, tok, [add], inference.AnswerSettings())[0]["check"]["passed"]
+    verdict = inference.code(model, tok, [add], AnswerSettings())[0]["check"]["passed"]
     assert tasks["code"]["checks"] == 1 and tasks["code"]["pass_rate"] == float(verdict)
     assert set(tasks["moderate"]["labels"]) == {"safe", "profanity", "personal_data", "spam"}
     assert tasks["moderate"]["labels"]["spam"]["support"] == 1
+    # Three judges: the rules see no spam (none of them looks for it); served = rules + model.
+    assert set(tasks["moderate"]["judges"]) == {"rules", "model", "served"}
+    assert tasks["moderate"]["judges"]["rules"]["labels"]["spam"]["recall"] == 0.0
+    assert tasks["moderate"]["labels"] == tasks["moderate"]["judges"]["served"]["labels"]
+    assert "lead_sentence" in tasks["summarize"]["baseline"]
     assert 1.0 < tasks["lm"]["perplexity"] < 3 * 2048  # an untrained model: about the vocabulary size
     assert tasks["lm"]["tokens"] > 20
     assert set(report["metrics"]) >= {
@@ -90,7 +99,7 @@ def test_every_task_is_scored_with_bm25_beside_the_model(ray_cluster, held_out, 
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["metrics"] == report["metrics"] and saved["model_id"].startswith("tiny-0@")
     table = (tmp_path / "eval" / "eval.md").read_text()
-    assert "| find | mrr |" in table and "BM25 1.0000" in table
+    assert "| find | mrr (all) |" in table and "BM25 1.0000" in table and "rules " in table
 
     # ONNX Runtime gives the same answers (greedy decoding, same scores within float error).
     onnx = evaluate(exported_models[0], held_out, shard_rows=2, backend="onnxruntime")
@@ -120,7 +129,7 @@ def test_eval_cli_names_a_bad_task_and_a_missing_model(tmp_path, exported_models
 def test_code_checks_can_be_turned_off(exported_models):
     model, tok, _ = artifact.load(exported_models[0])
     rows = [{"task": "code", "input": ADD, "target": "    return a + b", "doc_id": "d"}]
-    on = inference.code(model, tok, rows, inference.AnswerSettings())
-    off = inference.code(model, tok, rows, inference.AnswerSettings(run_code_checks=False))
+    on = inference.code(model, tok, rows, AnswerSettings())
+    off = inference.code(model, tok, rows, AnswerSettings(), run_checks=False)
     assert "check" in on[0] and "check" not in off[0]  # nothing executed
     assert on[0]["parses"] == off[0]["parses"]

@@ -126,8 +126,13 @@ def test_a_task_without_examples_reports_no_metric():
     skipped = [{"skipped": "too long"}]
     assert _scores("lm", skipped) == {"n": 0, "skipped": 1}  # not a perplexity of nothing
     assert _scores("moderate", []) == {"n": 0, "skipped": 0}
+    from odyssey.answers import AnswerSettings
+
     assert _find_scores(
-        {"queries": [], "passages": [], "correct": []}, np.zeros((0, 1)), np.zeros((0, 1))
+        {"queries": [], "passages": [], "correct": [], "families": []},
+        np.zeros((0, 1)),
+        np.zeros((0, 1)),
+        AnswerSettings(),
     ) == {
         "n": 0,
         "passages": 0,

@@ -298,6 +298,9 @@ def test_promotion_refuses_a_worse_checkpoint_and_rolls_out_a_better_one_under_l
     assert m["candidate"] > m["serving"]
     assert serving_id(demo.url, auth) == served and config.read_text() == before
     assert json.loads((Path(refused["record"]) / "decision.json").read_text())["promoted"] is False
+    # Decided on the validation split: the test split only reports.
+    assert refused["split"] == "val"
+    assert json.loads((Path(refused["record"]) / "candidate" / "eval.json").read_text())["split"] == "val"
 
     # The operator swaps in step 30 (the export the refusal made) with `serve deploy` of the config...
     worse = run_dir / "exported" / "checkpoint_step0000030"

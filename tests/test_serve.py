@@ -14,7 +14,10 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from odyssey import cluster
+from odyssey import answers, artifact, cluster, retrieval
+from odyssey.data.corpus import read_split
+from odyssey.evaluation import inference
+from odyssey.tasks import UNSAFE_LABELS
 from serve import api_keys
 from serve.app import AppArgs, build_app
 from serve.gateway import GatewaySettings
@@ -92,6 +95,17 @@ def test_moderate(served):
     assert body["flagged"] == (scores["safe"] < 0.5) and body["verdict"] == (
         "unsafe" if body["flagged"] else "safe"
     )
+    categories = body["categories"]
+    assert categories == ["safe"] or (categories and set(categories) <= set(UNSAFE_LABELS)), categories
+    assert body["flagged"] == (categories != ["safe"])
+
+
+def test_moderate_categories_hold_what_the_rules_found(served):
+    r = post(served, "/v1/moderate", {"text": "Write to jane.doe@example.com for the files."})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {"label": "personal_data", "kind": "e-mail address"} in body["rules"]
+    assert "personal_data" in body["categories"] and body["flagged"]
 
 
 def test_find_returns_passages_with_true_offsets(served, corpus_dir):
@@ -327,3 +341,86 @@ def test_bad_requests_take_no_replica_down(served):
     )
     assert lm_info()["replica_pid"] == pid
     assert post(served, "/v1/moderate", {"text": "still here?"}).status_code == 200
+
+
+# --- evaluation answers as serving does ---------------------------------------------------------------
+# odyssey/evaluation/inference.py, in this process with the torch backend (as `odyssey eval` runs it),
+# against the app over HTTP (ONNX Runtime), both with the app's AnswerSettings.
+
+SETTINGS = AppArgs(model_path="-").answers  # what the `served` app answers with
+SHORT = 128  # prompt tokens: half the model's context, so every answer has its whole length
+
+
+@pytest.fixture(scope="module")
+def in_process(exported_models):
+    model, tok, _ = artifact.load(exported_models[0])
+    return model, tok
+
+
+def held_out(corpus_dir, tok, task: str, n: int, family: str | None = None) -> list[dict]:
+    """The first n test examples of `task` (of `family`) with a short prompt."""
+    rows = [
+        r
+        for r in read_split(corpus_dir, task, "test").to_pylist()
+        if (family is None or r["family"] == family) and len(tok.prompt(task, r["input"])) <= SHORT
+    ]
+    assert len(rows) >= n, f"the corpus has {len(rows)} short {task} test examples"
+    return rows[:n]
+
+
+def test_eval_and_serving_answer_alike_summarize(served, in_process, corpus_dir):
+    model, tok = in_process
+    rows = held_out(corpus_dir, tok, "summarize", 3)
+    evaluated = inference.summarize(model, tok, rows, SETTINGS)
+    for row, answer in zip(rows, evaluated):
+        r = post(served, "/v1/summarize", {"text": row["input"]})
+        assert r.status_code == 200, r.text
+        assert r.json()["summary"] == answer["prediction"]
+
+
+def test_eval_and_serving_answer_alike_code(served, in_process, corpus_dir):
+    # Two tokens: the untrained model's greedy answer is empty and its long samples never parse, so
+    # at full length the greedy "" would always win. This short, a seeded sample often parses and wins,
+    # so the pick, the seeds and the sampling settings all show in the answer.
+    model, tok = in_process
+    rows = held_out(corpus_dir, tok, "code", 2, "plain") + held_out(corpus_dir, tok, "code", 2, "signature")
+    tries = answers.code_params(SETTINGS, max_tokens=2)
+    texts = [r["input"] for r in rows for _ in tries]
+    flat = inference.complete(model, tok, "code", texts, [p for _ in rows for p in tries])
+    chosen = []
+    for n, row in enumerate(rows):
+        attempts = flat[n * len(tries) : (n + 1) * len(tries)]
+        best, _ = answers.pick_code(row["input"], attempts)
+        chosen.append(attempts[best].strip())
+    assert any(chosen), "every pick is the empty greedy answer: nothing to tell serving's apart"
+    for row, answer in zip(rows, chosen):
+        r = post(served, "/v1/code", {"prompt": row["input"], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert r.json()["code"].strip() == answer
+
+
+def test_eval_and_serving_answer_alike_moderate(served, in_process, corpus_dir):
+    model, tok = in_process
+    families = ("safe", "rules_visible", "rules_hidden")
+    rows = [row for family in families for row in held_out(corpus_dir, tok, "moderate", 3, family)]
+    evaluated = inference.moderate(model, tok, rows, SETTINGS)
+    assert len({tuple(e["served"]) for e in evaluated}) > 1  # more than one verdict is compared
+    for row, answer in zip(rows, evaluated):
+        r = post(served, "/v1/moderate", {"text": row["input"]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["categories"] == answer["served"], row["input"]
+        assert body["flagged"] == (answer["served"] != ["safe"])
+
+
+def test_eval_and_serving_answer_alike_find(served, in_process, corpus_dir):
+    # The Finder's dense half is the cosine of exactly retrieval.embed_texts' vectors, queries and
+    # passages alike.
+    model, tok = in_process
+    for row in held_out(corpus_dir, tok, "find", 3):
+        r = post(served, "/v1/find", {"query": row["input"], "k": 5})
+        assert r.status_code == 200, r.text
+        hits = r.json()["passages"]
+        query = retrieval.embed_texts(model, tok, [row["input"]])[0]
+        passages = retrieval.embed_texts(model, tok, [h["text"] for h in hits])
+        assert [h["dense"] for h in hits] == pytest.approx((passages @ query).tolist(), abs=1e-4)

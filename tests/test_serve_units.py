@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from odyssey.code_checks import completion_error, syntax_error
 from odyssey.data.schema import Document
+from odyssey.decoding import BatchDecoder, GenerationParams, TextStream
 from odyssey.errors import OdysseyError
 from odyssey.model import Transformer, pad_vocab, tiny
 from odyssey.tasks import ANSWERS, label_probabilities
 from serve import api_keys
 from serve.app import AppArgs
 from serve.gateway import GatewaySettings, invalid_request, is_json
-from serve.generation import BatchDecoder, GenerationParams, TextStream
 from serve.passages import PassageIndex, load_documents, split_documents
 
 
@@ -64,6 +64,18 @@ def test_rows_keep_their_own_sampling_settings(model, tokenizer):
     assert a[0] == b[0]  # the seed makes a row reproducible whatever it is batched with
     greedy = tokenizer.decode(model.generate([prompt], 10, temperature=0.0, stop_ids=[tokenizer.eos_id])[0])
     assert a[1] == greedy
+
+
+def test_a_short_prompt_keeps_its_room_beside_a_long_one(model, tokenizer):
+    """Each row may decode up to the context minus its own prompt, whatever it is batched with: a short
+    request beside a long one gets the same answer as alone (positions count per row)."""
+    short = tokenizer.prompt("lm", "The")
+    long = (tokenizer.prompt("lm", "Copyright (C) 2020 the authors. " * 40))[:100]
+    room = model.cfg.max_seq_len
+    params = [GenerationParams(max_tokens=room - len(p), temperature=0.0) for p in (short, long)]
+    together = BatchDecoder(model, tokenizer, [short, long], params)
+    alone = BatchDecoder(model, tokenizer, [short], params[:1])
+    assert run(together)[0] == run(alone)[0] and together.generated[0] == alone.generated[0]
 
 
 def test_batch_refuses_what_does_not_fit(model, tokenizer):

@@ -5,9 +5,13 @@ Fast: no Ray, no model."""
 
 from __future__ import annotations
 
+import importlib.metadata
+from collections import Counter
+
 import pytest
 
 from odyssey.data import debian, legal, pydist
+from odyssey.data.schema import Document
 from odyssey.errors import OdysseyError
 from serve.passages import PassageIndex, load_documents, split_documents
 
@@ -107,8 +111,10 @@ def test_the_debian_root_is_honoured(fake_debian):
     listed = legal.documents()
     assert listed[0][:2] == ("legal:common-licenses/MIT-ish", "MIT-ish")  # Debian first, then Python
     assert all(doc_id.startswith("legal:python/") for doc_id, _, _ in listed[1:])
-    finds = [ex for ex in legal.collect(0, seed=0).examples if ex.task == "find"]
-    assert {ex.doc_id for ex in finds} == {"legal:common-licenses/MIT-ish"}  # license texts: always all
+    got = legal.collect(0, seed=0)
+    assert [d.doc_id for d in got.documents] == ["legal:common-licenses/MIT-ish"]  # license texts: always all
+    assert {ex.doc_id for ex in got.examples} == {"legal:common-licenses/MIT-ish"}
+    assert not [ex for ex in got.examples if ex.task == "find"]  # no heading: no (keyword) find either
 
 
 def test_readme_markup_is_dropped_and_code_kept():
@@ -123,3 +129,133 @@ def test_readme_markup_is_dropped_and_code_kept():
     assert pydist.clean_description(readme) == (
         '# Tool\n\nTool escapes markup.\n\n```python\nescape("<script>")\n```'
     )
+
+
+def test_legal_find_queries_are_mostly_headings_and_say_their_family():
+    words = ["grant", "licensee", "notice", "warranty", "source", "binary"]
+    words += ["patent", "trademark", "copy", "modify", "merge", "publish"]
+    plain = [  # running text: no heading, so at most a keyword query
+        Document(
+            f"plain:{i}",
+            f"plain {i}",
+            "\n\n".join(
+                f"Paragraph {j} of document {i}: the {words[(i + j) % 12]} and the {words[(i * j) % 12]} "
+                f"clauses apply to every {words[j % 12]} made under this text, number {i * 100 + j}."
+                for j in range(10)
+            ),
+        )
+        for i in range(12)
+    ]
+    headed = [
+        Document(
+            f"headed:{i}",
+            f"headed {i}",
+            "\n\n".join(
+                f"{j}. Clause {words[j % 12].title()} {i}.\n\nThis clause {j} of document {i} says what "
+                f"the {words[j % 12]} terms allow, and what they never allow anyone to do."
+                for j in range(1, 9)
+            ),
+        )
+        for i in range(12)
+    ]
+    docs = plain + headed
+    examples = legal.find_examples(docs, with_text=True)
+    finds = [ex for ex in examples if ex.task == "find"]
+    families = Counter(ex.family for ex in finds)
+    assert set(families) == {"heading", "keyword"}
+    assert 0 < families["keyword"] <= len(finds) / 3  # a minority: never more than half the headings
+    assert all(ex.input.startswith("clause ") for ex in finds if ex.family == "heading")
+    # A passage left without a query is still in the lm text; the draw is the same every time.
+    lm = "\n\n".join(ex.target for ex in examples if ex.task == "lm")
+    assert all(p in lm for d in plain for p in legal.split_passages(d.text))
+    assert legal.find_examples(docs, with_text=True) == examples
+    assert not [ex for ex in legal.find_examples(plain) if ex.family == "keyword"]  # no heading to pair with
+
+
+def fake_distribution(tmp_path, name: str, summary: str, description: str) -> pydist.Installed:
+    info = tmp_path / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\nSummary: {summary}\n"
+        "Description-Content-Type: text/markdown\n\n" + description
+    )
+    return pydist.Installed(pydist.normalize(name), name, importlib.metadata.PathDistribution(info))
+
+
+SORTER_README = (
+    "[![CI](https://ci/badge.svg)](https://ci)\n\n"
+    "# Fastsort\n\n"
+    "Fastsort orders long lists of numbers in memory or on disk, and writes them back in the format "
+    "they came in. It picks a radix or merge strategy from the data it sees.\n\n"
+    "It needs no compiler and runs on every platform Python runs on. "
+    * 6
+    + "\n\n## Installation\n\n    pip install fastsort\n"
+)
+
+
+def test_python_packages_give_synopsis_find_examples(tmp_path, monkeypatch):
+    summary = "Sort numbers quickly"
+    item = fake_distribution(tmp_path, "Fastsort", summary, SORTER_README)
+    monkeypatch.setattr(pydist, "installed", lambda: [item])
+    got = pydist.collect(None, seed=0)
+    [find] = [ex for ex in got.examples if ex.task == "find"]
+    assert (find.family, find.input, find.doc_id) == ("synopsis", summary, "pypi:fastsort")
+    assert find.target.startswith("Fastsort orders long lists")  # the "# Fastsort" title is skipped
+    assert summary.lower() not in find.target.lower() and "badge" not in find.target
+    assert pydist.MIN_FIND_CHARS <= len(find.target) <= pydist.MAX_FIND_CHARS
+    assert [d.doc_id for d in got.documents] == ["pypi:fastsort"] and find.target in got.documents[0].text
+    assert {ex.doc_id for ex in got.examples} == {"pypi:fastsort"}
+
+
+def test_a_distribution_without_summary_or_description_gives_no_find(tmp_path):
+    short = fake_distribution(tmp_path, "tiny", "A tiny thing", "# tiny\n\nA tiny thing.")
+    none = fake_distribution(tmp_path, "bare", "", SORTER_README)
+    for item in (short, none):
+        examples, document = pydist.examples_of(item)
+        assert not [ex for ex in examples if ex.task == "find"] and document is None
+
+
+def test_opening_cuts_at_paragraphs_then_sentences_never_mid_word():
+    para = "One sentence here. " * 10  # 190 characters
+    text = f"{para.strip()}\n\n{para.strip()}\n\n{para.strip()}"
+    assert pydist.opening(text, 400) == f"{para.strip()}\n\n{para.strip()}"
+    assert pydist.opening("short text", 400) == "short text"
+    long = "word " * 300 + "end. " + "word " * 300
+    cut = pydist.opening(long, 700)
+    assert len(cut) <= 700 and long.startswith(cut) and cut.endswith("word")
+    sentences = "A sentence of some words. " * 40
+    cut = pydist.opening(sentences, 700)
+    assert cut.endswith("words.") and len(cut) <= 700 and cut in sentences
+
+
+PACKAGES_INDEX = (  # two binaries of one source share a long description; a third has its own
+    "Package: libfoo1\nSource: foo (1.2-3)\nDescription: foo library for parsing widgets\n"
+    " Foo reads widget files of every version and hands them to programs as trees, checking\n"
+    " them on the way.\n .\n This package holds the shared library.\n\n"
+    "Package: libfoo-dev\nSource: foo\nDescription: foo library for parsing widgets - headers\n"
+    " Foo reads widget files of every version and hands them to programs as trees, checking\n"
+    " them on the way.\n .\n This package holds the shared library.\n\n"
+    "Package: foo-tools\nSource: foo\nDescription: command line tools for widgets\n"
+    " Programs that convert, validate and pretty-print widget files from the shell, built on the\n"
+    " foo library.\n\n"
+    "Package: bar\nDescription: bar\n short\n\n"
+)
+
+
+def test_debian_gives_synopsis_find_examples_once_per_long_description(tmp_path):
+    index = tmp_path / "example.org_debian_dists_stable_main_binary-amd64_Packages"
+    index.write_text(PACKAGES_INDEX)
+    got = debian.collect(None, seed=0, files=[index])
+    finds = {ex.input: ex for ex in got.examples if ex.task == "find"}
+    # Binaries in name order: libfoo-dev uses the shared long description before libfoo1 could.
+    assert set(finds) == {"foo library for parsing widgets - headers", "command line tools for widgets"}
+    assert all(ex.family == "synopsis" and ex.doc_id == "debian:foo" for ex in finds.values())
+    assert finds["foo library for parsing widgets - headers"].target.startswith("Foo reads widget files")
+    assert [d.doc_id for d in got.documents] == ["debian:foo"]
+    assert all(ex.target in got.documents[0].text for ex in finds.values())
+
+
+def test_the_fake_debian_root_gives_synopsis_find_examples(fake_debian):
+    finds = [ex for ex in debian.collect(None, seed=0).examples if ex.task == "find"]
+    assert {ex.input for ex in finds} == {"alphasort sorts numbers fast", "betasort sorts numbers fast"}
+    assert all(ex.family == "synopsis" and ex.input not in ex.target for ex in finds)

@@ -17,13 +17,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from odyssey import artifact, failpoints
+from odyssey import artifact, failpoints, retrieval
 from odyssey.config import load_config
 from odyssey.errors import ConfigError, OdysseyError
-from train import checkpoint, events, launch
+from odyssey.model import Transformer
+from train import checkpoint, contrastive, events, launch
 from train.config import TrainConfig, recipe_path
 from train.export import export
 
@@ -92,6 +94,43 @@ def test_zero_stages_agree_at_first_and_lower_the_loss(zero_runs):
             "lm",
         }
         assert s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1.5
+
+
+def test_the_contrastive_objective_trains_under_zero2_with_two_workers(zero_runs, corpus_dir, tmp_path):
+    """InfoNCE on find's pairs (train/contrastive.py) runs in the same steps as the LM loss: the same
+    numbers at every ZeRO stage at first (the negatives gathered across the two ranks), and the trained
+    model's embeddings tell a query's passage from the others far better than the initial model's do
+    on the pairs it trained on, and better on train pairs it never saw. (Its gradient reaching the
+    shared trunk, and the one embedding function of training, evaluation and serving: test_answers.py.)"""
+    storage, runs = zero_runs
+    rows = {stage: events.read_metrics(Path(s["run_dir"])) for stage, s in runs.items()}
+    first = {stage: r[0]["contrastive_loss"] for stage, r in rows.items()}
+    assert first[2] == pytest.approx(first[0], rel=1e-4) and first[3] == pytest.approx(first[0], rel=1e-4)
+    assert all("val_contrastive_loss" in r for r in rows[2] if r["step"] % 8 == 0)
+
+    cfg = config(corpus_dir, storage, "zero2")
+    pairs, c = contrastive.read_pairs(cfg, "train"), cfg.contrastive
+    trained_on = np.unique(
+        [
+            i
+            for step in range(STEPS)
+            for i in contrastive.step_index(len(pairs), c.pairs_per_step, step, cfg.seed)
+        ]
+    )
+    never_seen = np.setdiff1d(np.arange(len(pairs)), trained_on)
+    model, _, _ = artifact.load(export(Path(runs[2]["run_dir"]), tmp_path / "model"))
+    torch.manual_seed(cfg.seed)  # the engine's initial weights (train/engine.py)
+    initial = Transformer(model.cfg)
+
+    def loss(m, index) -> float:
+        q, q_valid, p, p_valid = pairs.rows(index[:64])
+        with torch.no_grad():
+            return float(
+                retrieval.info_nce(m(q, embed_valid=q_valid), m(p, embed_valid=p_valid), c.temperature)
+            )
+
+    assert loss(model, trained_on) < loss(initial, trained_on) - 0.5
+    assert loss(model, never_seen) < loss(initial, never_seen)
 
 
 def test_every_rank_saves_its_shard(zero_runs):

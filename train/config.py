@@ -128,6 +128,30 @@ class ScalingConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """InfoNCE on the `find` task's (query, passage) pairs, beside the language-model loss in every step
+    (train/contrastive.py): what trains the embedding /v1/find searches with. weight 0 turns it off."""
+
+    weight: float = 0.5  # of the contrastive loss, added to the language-model loss
+    pairs_per_step: int = 32  # across all workers: each query's in-batch negatives are the others
+    temperature: float = 0.05
+    query_tokens: int = 32  # a query's ids, prompt included, cut to this (and to data.seq_len)
+    passage_tokens: int = 128  # a passage's likewise
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"contrastive.weight must be >= 0 (0 = off), got {self.weight}")
+        if self.pairs_per_step < 2:
+            raise ConfigError(
+                f"contrastive.pairs_per_step must be >= 2 (negatives), got {self.pairs_per_step}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"contrastive.temperature must be positive, got {self.temperature}")
+        if min(self.query_tokens, self.passage_tokens) < 4:
+            raise ConfigError("contrastive.query_tokens and passage_tokens must be >= 4 (the prompt takes 3)")
+
+
+@dataclass
 class TrainConfig:
     name: str = "tiny-cpu"  # the run directory is {storage}/{name}; launching again resumes it
     storage: str = "runs"
@@ -136,6 +160,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     global_batch_tokens: int = 2048
     micro_batch_size: int = 8  # sequences per worker per forward/backward
     steps: int = 60
@@ -175,6 +200,11 @@ class TrainConfig:
                 + (f"sizes that keep it: {good}. " if good else "")
                 + "Choose sizes that divide global_batch_tokens / (micro_batch_size x seq_len) = "
                 f"{self.global_batch_tokens / (self.micro_batch_size * self.data.seq_len):g}"
+            )
+        if self.contrastive.weight and self.contrastive.pairs_per_step < self.scaling.max_workers:
+            raise ConfigError(
+                f"contrastive.pairs_per_step={self.contrastive.pairs_per_step} leaves some of "
+                f"{self.scaling.max_workers} workers without a pair; use at least {self.scaling.max_workers}"
             )
         if not self.name or "/" in self.name:
             raise ConfigError(f"name {self.name!r} must be a non-empty directory name")

@@ -98,6 +98,7 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
             "mixture": data.weights,
             "rows_per_epoch": data.rows_per_epoch,
             "validation": data.validation,
+            "pairs": data.pairs,
             "run_dir": str(run_dir),
             "launch_id": launch_id,
         },

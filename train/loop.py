@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from odyssey import flops, logs, optim
 from odyssey.config import from_dict, to_dict
-from train import checkpoint, events, mixture
+from train import checkpoint, contrastive, events, mixture
 from train.config import TrainConfig
 from train.engine import build_engine, loop_clips_gradients
 from train.metrics import RunLog, console, memory_gb, peak_flops_per_device
@@ -91,10 +91,12 @@ class Worker:
             t: (torch.from_numpy(i.astype("int64")), torch.from_numpy(m.astype(bool)))
             for t, (i, m) in config["validation"].items()
         }
+        self.pairs = config.get("pairs") or {}  # find's pairs for the contrastive objective; {} = off
         self.log = RunLog(self.run_dir, cfg.steps, self.step, enabled=self.rank == 0)
         self._record_start(event)
         # Between reports: summed on the device, read at the next report (no host sync per step).
         self.loss_sum = torch.zeros((), device=self.device)
+        self.contrastive_sum = torch.zeros((), device=self.device)
         self.nonfinite = torch.zeros((), device=self.device)
         self.grad_norm = None
         self.own_clipping = loop_clips_gradients(cfg)
@@ -145,8 +147,8 @@ class Worker:
             self.step - 1, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
         )
         optim.set_lr(self.engine.optimizer, lr)
-        for batch in self.loader.step_batches():  # grad_accum micro-batches
-            self._forward_backward(batch)
+        for i, batch in enumerate(self.loader.step_batches()):  # grad_accum micro-batches
+            self._forward_backward(batch, contrastive_step=i == 0)
         if not self.own_clipping:
             self.grad_norm = self.engine.get_global_grad_norm()
         if cfg.deepspeed.precision != "fp16":  # fp16 overflows are loss scaling's business: skipped steps
@@ -154,11 +156,26 @@ class Worker:
             self.nonfinite += ~torch.isfinite(torch.as_tensor(norm, device=self.device))
         self.tokens += cfg.global_batch_tokens
 
-    def _forward_backward(self, batch) -> None:
+    def _forward_backward(self, batch, contrastive_step: bool) -> None:
+        """One micro-batch's language-model loss; on the step's first micro-batch, plus the contrastive
+        loss of the step's pairs (train/contrastive.py), scaled by the accumulation steps that DeepSpeed
+        divides every micro-batch's loss by: the step's gradient is the LM mean + weight x contrastive."""
         engine = self.engine
         inputs, targets, mask = (t.to(self.device) for t in batch)
         loss = engine(inputs, targets, mask)
-        engine.backward(loss)  # at the accumulation boundary this also all-reduces the gradients
+        objective = loss
+        if contrastive_step and self.pairs:
+            c = self.cfg.contrastive
+            index = contrastive.step_index(
+                len(self.pairs["train"]), c.pairs_per_step, self.step - 1, self.cfg.seed
+            )
+            value, term = contrastive.step_loss(
+                engine, self.pairs["train"], index, c.temperature, self.device
+            )
+            objective = loss + c.weight * self.grad_accum * term
+            self.nonfinite += ~torch.isfinite(value)
+            self.contrastive_sum += value
+        engine.backward(objective)  # at the accumulation boundary this also all-reduces the gradients
         if self.own_clipping and engine.is_gradient_accumulation_boundary():
             clip = self.cfg.optim.grad_clip or math.inf
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -193,6 +210,8 @@ class Worker:
         steps_since = self.step - self.log.step_last
         mean_loss = _all_mean(self.loss_sum / (steps_since * self.grad_accum), device)  # also a sync point
         self.loss_sum.zero_()
+        contrastive_loss = float(self.contrastive_sum) / steps_since  # the same on every rank
+        self.contrastive_sum.zero_()
         if _all_sum(self.nonfinite.item(), device) > 0:
             raise FloatingPointError(
                 f"loss or gradient norm became NaN or Inf at or before step {self.step}; no checkpoint was written. Lower optim.lr "
@@ -220,13 +239,25 @@ class Worker:
             "memory_gb": _all_max(memory_gb(self.cuda), device),
             "world_size": self.world,
         }
+        if self.pairs:
+            metrics["contrastive_loss"] = contrastive_loss
         if self.grad_norm is not None:  # fp16 loss scaling may skip a step's norm
             metrics["grad_norm"] = float(self.grad_norm)
         return metrics
 
     def _validation(self, train_loss: float) -> dict:
         losses = {f"val_loss_{t}": v for t, v in evaluate(self.engine, self.val_data, self.device).items()}
-        return {**losses, "val_loss": sum(losses.values()) / len(losses) if losses else train_loss}
+        out = {**losses, "val_loss": sum(losses.values()) / len(losses) if losses else train_loss}
+        if (
+            "val" in self.pairs
+        ):  # reported beside val_loss, which stays the language model's (best checkpoint)
+            self.engine.eval()
+            t = self.cfg.contrastive.temperature
+            out["val_contrastive_loss"] = contrastive.validation_loss(
+                self.engine, self.pairs["val"], t, self.device
+            )
+            self.engine.train()
+        return out
 
     def _save(self, metrics: dict) -> None:
         """A checkpoint with what a resume (at any world size) and export need."""

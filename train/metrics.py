@@ -74,7 +74,7 @@ class RunLog:
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
-        shown = {k: metrics[k] for k in ("loss", "lr", "mfu") if k in metrics}
+        shown = {k: metrics[k] for k in ("loss", "contrastive_loss", "lr", "mfu") if k in metrics}
         self.progress.update(step, tokens, **shown)
 
     def event(self, kind: str, **fields) -> None:

@@ -29,6 +29,7 @@ from odyssey.data.corpus import CorpusConfig, build_corpus, texts
 from odyssey.errors import ConfigError
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
+from train import contrastive
 from train.config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class DataPlan:
     weights: dict[str, float]  # the tasks that train, with their normalised mixture weights
     rows_per_epoch: dict[str, int]  # train blocks per training task
     validation: dict[str, tuple[np.ndarray, np.ndarray]]  # every task's first eval_blocks val blocks
+    pairs: dict  # find's (query, passage) ids for the contrastive objective (train/contrastive.py)
 
     def datasets(self) -> dict:
         """The Ray Datasets of the training tasks (Ray must be up): see build_datasets."""
@@ -65,7 +67,7 @@ def plan(cfg: TrainConfig) -> DataPlan:
     manifest = read_manifest(cfg)
     weights = mixture_tasks(cfg, manifest)
     rows = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}
-    return DataPlan(cfg.data, manifest, weights, rows, read_validation(cfg))
+    return DataPlan(cfg.data, manifest, weights, rows, read_validation(cfg), contrastive.plan(cfg))
 
 
 def prepare(cfg: TrainConfig) -> None:

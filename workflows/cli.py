@@ -166,6 +166,11 @@ def _eval_parser(sub) -> None:
         action="store_true",
         help="do not run generated code against its prompt's doctests (nothing is executed)",
     )
+    evaluate.add_argument(
+        "--serve-config",
+        type=Path,
+        help="answer as this Serve config's app does (its `answers:` settings); default: the shipped defaults",
+    )
     evaluate.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else embedded)")
 
 
@@ -405,16 +410,15 @@ def _demo(args) -> dict:
 
 def _eval(args) -> dict:
     from odyssey import cluster
-    from odyssey.evaluation.inference import AnswerSettings
     from odyssey.evaluation.runner import check_tasks, evaluate, markdown, write_report
     from train.export import exported_model, training_corpus
+    from workflows.promote import answer_settings
 
     tasks = check_tasks(args.tasks.split(",") if args.tasks else None)
     with exported_model(args.model, onnx=args.backend == "onnxruntime") as model:
         corpus = args.corpus or training_corpus(args.model)
         if args.address:
             cluster.connect(args.address)
-        settings = AnswerSettings(run_code_checks=not args.no_code_checks)
         report = evaluate(
             model,
             corpus,
@@ -422,7 +426,8 @@ def _eval(args) -> dict:
             args.split,
             args.limit,
             backend=args.backend,
-            settings=settings,
+            settings=answer_settings(args.serve_config),
+            code_checks=not args.no_code_checks,
             out=args.out,
         )
     out = args.out or default_eval_dir(report["model_id"])

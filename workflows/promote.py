@@ -1,7 +1,8 @@
 """`odyssey promote RUN --serve-config serve/config.yaml`: train -> serve, gated by evaluation.
 
     1. the run's best checkpoint (lowest validation loss), exported next to the run (RUN/exported/...)
-    2. it and the model the app serves now, evaluated on the same held-out examples (Ray tasks)
+    2. it and the model the app serves now, evaluated on the same validation examples (Ray tasks), answering
+       as the app does (its `answers:` settings); the test split only reports, it never decides
     3. the decision: promoted only when no configured metric is worse and at least one is better
     4. the rollout: the Serve config with the new model path, deployed as `serve deploy` does. Only the
        LanguageModel's user_config changes, so running replicas load the new model beside the old one
@@ -25,13 +26,29 @@ from pathlib import Path
 import httpx
 
 from odyssey import artifact, atomic, cluster
+from odyssey.answers import AnswerSettings
 from odyssey.errors import OdysseyError
 from odyssey.evaluation.metrics import DIRECTIONS
 from serve import launch
 
 log = logging.getLogger(__name__)
 
+DECISION_SPLIT = "val"
 DEFAULT_METRICS = ("lm.perplexity", "summarize.rouge_l", "moderate.macro_f1", "find.mrr", "code.parse_rate")
+
+
+def answer_settings(serve_config: str | Path | None) -> AnswerSettings:
+    """The `answers:` settings of a Serve config's app, validated as the app validates them (its defaults
+    when None): evaluation answers as that app does."""
+    if serve_config is None:
+        return AnswerSettings()
+    from serve.app import AppArgs
+
+    _, app = launch.read_config(Path(serve_config), [])
+    try:
+        return AppArgs(model_path="-", **{k: v for k, v in app["args"].items() if k != "model_path"}).answers
+    except ValueError as e:
+        raise OdysseyError(f"{serve_config}: {e}") from None
 
 
 def check_metrics(metrics: list[str]) -> list[str]:
@@ -184,8 +201,10 @@ def promote(
 
     record.mkdir(parents=True, exist_ok=True)
     log.info("promote: evaluating the candidate %s and the serving model %s", candidate, current)
-    new = evaluate(candidate, corpus, limit=limit)
-    old = evaluate(current, corpus, limit=limit)
+    # Decided on the validation split: the test split is for reporting (`odyssey eval`), never for choosing.
+    settings = answer_settings(serve_config)
+    new = evaluate(candidate, corpus, split=DECISION_SPLIT, limit=limit, settings=settings)
+    old = evaluate(current, corpus, split=DECISION_SPLIT, limit=limit, settings=settings)
     ok, table = decide(new["metrics"], old["metrics"], metrics)
     write_report(new, record / "candidate")
     write_report(old, record / "serving")
@@ -197,6 +216,7 @@ def promote(
         "serving": str(current),
         "serving_id": old["model_id"],
         "checkpoint": str(ckpt),
+        "split": DECISION_SPLIT,
         "metrics": table,
         "why": "better: " + ", ".join(m for m, v in table.items() if v["verdict"] == "better")
         if ok

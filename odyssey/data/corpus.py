@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -123,8 +123,9 @@ SOURCES = {
 
 
 def collect_builtin(cfg: CorpusConfig) -> list[Collected]:
-    """The preset's sources, then moderation made from their text. They read this machine's files, so
-    they run here, on the driver: a worker on another node would read that node's packages instead."""
+    """The preset's sources. They read this machine's files, so they run here, on the driver: a worker on
+    another node would read that node's packages instead. Moderation, made from their text, comes after
+    the split (add_moderation): its held-out examples use held-out templates."""
     if cfg.preset == "none":
         return []
     out = []
@@ -132,12 +133,36 @@ def collect_builtin(cfg: CorpusConfig) -> list[Collected]:
         t0 = time.perf_counter()
         out.append(collect(cfg.max_docs.get(name), cfg.seed))
         log.info("source %-16s %s (%.1fs)", name, _found(out[-1]), time.perf_counter() - t0)
-    if cfg.moderation_examples:
-        base = [ex for c in out for ex in c.examples]
-        made = moderation.synthesize(base, cfg.moderation_examples, cfg.seed)
-        out.append(Collected("moderation", [], made))
-        log.info("source %-16s %s (synthetic)", "moderation", _found(out[-1]))
     return out
+
+
+def add_moderation(
+    cfg: CorpusConfig, by_split: dict[str, list[Example]], base_docs: set[str]
+) -> Collected | None:
+    """The synthetic `moderate` examples (moderation.synthesize), made from the split examples of the
+    documents in `base_docs` (the preset's sources), put into `by_split` in place: each in its base
+    document's split. The per-task cap holds for `moderate` as a whole, as assign_splits applies it (hash
+    order over the user's `moderate` examples and these together); an input already there is not added
+    twice. Returns the source record's Collected (None when none are made)."""
+    if not cfg.moderation_examples or not base_docs:
+        return None
+    base = {split: [ex for ex in examples if ex.doc_id in base_docs] for split, examples in by_split.items()}
+    made = moderation.synthesize(base, cfg.moderation_examples, cfg.seed)
+    have = [ex for examples in by_split.values() for ex in examples if ex.task == "moderate"]
+    seen = {_key(ex) for ex in have}
+    new = []
+    for ex in made:
+        if _key(ex) not in seen:
+            seen.add(_key(ex))
+            new.append(ex)
+    keep = sorted(have + new, key=lambda e: unit_hash(cfg.seed, "order", e.doc_id, e.input, e.target))
+    for examples in by_split.values():
+        examples[:] = [ex for ex in examples if ex.task != "moderate"]
+    for ex in keep[: cfg.max_examples_per_task]:
+        by_split[ex.split].append(ex)
+    c = Collected("moderation", [], made)
+    log.info("source %-16s %s (synthetic, after the split)", "moderation", _found(c))
+    return c
 
 
 def _per_task(examples: list[Example]) -> dict[str, int]:
@@ -244,7 +269,7 @@ def assign_splits(
     doc_split = group_splits(cfg, examples, groups)
     per_task: dict[str, list[Example]] = {t: [] for t in TASKS}
     for ex in examples:
-        per_task[ex.task].append(Example(ex.task, ex.input, ex.target, ex.doc_id, doc_split[ex.doc_id]))
+        per_task[ex.task].append(replace(ex, split=doc_split[ex.doc_id]))
     by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for examples_of_task in per_task.values():
         order = sorted(
@@ -327,10 +352,14 @@ def build_corpus(
     collected = [adapters.collect(str(spec)) for spec in sources]  # fail fast on bad input
     for c in collected:
         log.info("source %-16s %s", c.name, _found(c))
-    collected = collect_builtin(cfg) + collected
+    builtin = collect_builtin(cfg)
+    collected = builtin + collected
     if not any(c.examples for c in collected):
         raise ConfigError("the corpus would be empty: use --preset tiny|full or give --source datasets")
     by_split, doc_split, near_dups = assign_splits(cfg, collected, workers)
+    made = add_moderation(cfg, by_split, {ex.doc_id for c in builtin for ex in c.examples})
+    if made is not None:  # the manifest lists it after the preset's sources, as before
+        collected.insert(len(builtin), made)
     check_needs(cfg, by_split)
 
     documents = [d for c in collected for d in c.documents]
@@ -394,7 +423,17 @@ def read_split(corpus: str | Path, task: str, split: str, columns: list[str] | N
     files = sorted((Path(corpus) / "examples" / task).glob(f"{split}-*.parquet"))
     if not files:
         return SCHEMA.empty_table().select(columns or SCHEMA.names)
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    columns = list(columns or SCHEMA.names)
+    table = pa.concat_tables(pq.read_table(f, columns=[c for c in columns if c != "family"]) for f in files)
+    if "family" in columns:  # a corpus built before the column existed has none: every family ""
+        stored = pa.concat_tables(
+            pq.read_table(f, columns=[c for c in ("family",) if c in pq.read_schema(f).names]) for f in files
+        )
+        family = (
+            stored.column("family") if stored.num_columns else pa.array([""] * table.num_rows, pa.string())
+        )
+        table = table.append_column("family", family)
+    return table.select(columns)
 
 
 def texts(corpus: str | Path, split: str = "train") -> Iterator[str]:

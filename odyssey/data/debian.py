@@ -1,5 +1,6 @@
-"""Debian package descriptions: long description -> one-line synopsis (`summarize`), and the
-descriptions as plain text (`lm`).
+"""Debian package descriptions: long description -> one-line synopsis (`summarize`), synopsis -> the
+long description's opening (`find`, family "synopsis"), and the descriptions as plain text (`lm`) and
+as documents.
 
 Read from the package index under var/lib/apt/lists (Packages and Translation files, plain or
 lz4/gz/xz compressed) and from var/lib/dpkg/status, below the Debian root: $ODYSSEY_DEBIAN_ROOT, or /
@@ -8,7 +9,8 @@ empty directory) gives no examples here, and the Python sources carry the corpus
 
 Binary packages built from one source package often share their description, so the document is the
 source package: all its binaries fall in one split. Packages indexes without long descriptions
-(their text is in Translation files) still give synopses for `lm`.
+(their text is in Translation files) still give synopses for `lm`. A long description shared by
+binaries of one source gives one `find` passage, cut to MAX_FIND_CHARS as pydist.opening() cuts.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 
 from debian import deb822
 
+from odyssey.data.pydist import MAX_FIND_CHARS, opening
 from odyssey.data.sampling import sample
-from odyssey.data.schema import Collected, Example
+from odyssey.data.schema import Collected, Document, Example
 
 ROOT_ENV = "ODYSSEY_DEBIAN_ROOT"
 MIN_LONG_CHARS = 80  # a long description shorter than this is not worth summarising
@@ -122,15 +125,32 @@ def collect(limit: int | None, seed: int, files: list[Path] | None = None) -> Co
     chosen = sorted(sample(rich, limit, seed, key=str) + sample(plain, limit, seed, key=str))
 
     examples: list[Example] = []
+    documents: list[Document] = []
     for source in chosen:
-        doc_id = f"debian:{source}"
-        lines, seen_long = [], set()
-        for name in by_source[source]:
-            pkg = packages[name]
-            if len(pkg["long"]) >= MIN_LONG_CHARS and pkg["synopsis"]:
-                examples.append(Example("summarize", pkg["long"], pkg["synopsis"], doc_id))
-            long = pkg["long"] if pkg["long"] not in seen_long else ""
-            seen_long.add(pkg["long"])
-            lines.append(f"{name}: {pkg['synopsis']}" + (f"\n{long}" if long else ""))
-        examples.append(Example("lm", "", "\n\n".join(lines), doc_id))
-    return Collected("debian", files, examples)
+        found, document = examples_of(source, [(name, packages[name]) for name in by_source[source]])
+        examples += found
+        documents += [document] if document else []
+    return Collected("debian", files, examples, documents)
+
+
+def examples_of(
+    source: str, binaries: list[tuple[str, dict[str, str]]]
+) -> tuple[list[Example], Document | None]:
+    """One source package's examples: summarize and find (synopsis -> opening of the long description,
+    each long description once) per binary, the source's text as one `lm` example, and that text as a
+    document when a find passage is in it."""
+    doc_id = f"debian:{source}"
+    examples, lines, seen_long = [], [], set()
+    for name, pkg in binaries:
+        if len(pkg["long"]) >= MIN_LONG_CHARS and pkg["synopsis"]:
+            examples.append(Example("summarize", pkg["long"], pkg["synopsis"], doc_id))
+        long = pkg["long"] if pkg["long"] not in seen_long else ""
+        seen_long.add(pkg["long"])
+        passage = opening(long, MAX_FIND_CHARS)
+        if len(passage) >= MIN_LONG_CHARS and pkg["synopsis"]:
+            examples.append(Example("find", pkg["synopsis"], passage, doc_id, family="synopsis"))
+        lines.append(f"{name}: {pkg['synopsis']}" + (f"\n{long}" if long else ""))
+    text = "\n\n".join(lines)
+    examples.append(Example("lm", "", text, doc_id))
+    found = any(ex.task == "find" for ex in examples)
+    return examples, Document(doc_id, source, text) if found else None

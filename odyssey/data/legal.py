@@ -12,10 +12,16 @@ files), long ones cut at line boundaries, and always an exact substring of its d
 hit can be reported with character offsets. The same license text is pasted into hundreds of copyright
 files: a passage is kept only the first time its text appears, so no passage can sit in two splits.
 
-Queries, without a language model to paraphrase:
-- a clause's own heading ("2. Grant of Copyright License." -> "grant of copyright license, Apache-2.0");
-- for copyright stanzas, the question they answer ("copyright and license of src/* in bash");
-- otherwise the passage's most distinctive words (highest inverse document frequency), a keyword query.
+Queries, without a language model to paraphrase (the example's `family` says which):
+- "heading": a clause's own heading ("2. Grant of Copyright License." -> "grant of copyright license,
+  Apache-2.0"), or for copyright stanzas the question they answer ("copyright and license of src/* in
+  bash");
+- "keyword": otherwise the passage's most distinctive words (highest inverse document frequency). Such
+  a query gives its passage away to word matching (BM25 wins by construction), so keyword examples are
+  kept a minority: only for a hash-drawn one in KEYWORD_SHARE of the passages without a heading, and
+  never more than half as many as the heading examples of the same documents (at most a third of the
+  two together; none where no passage has a heading). The passages left without a query are still in
+  the documents and in the `lm` text.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ LICENSE_PREFIX = "legal:common-licenses/"  # Debian's license texts: always all 
 MAX_PASSAGE_CHARS = 1500
 MIN_PASSAGE_CHARS = 80
 KEYWORDS_PER_QUERY = 6
+KEYWORD_SHARE = 3  # one in this many passages without a heading gets a keyword query
 LM_CHUNK_CHARS = 4000
 
 _HEADING = re.compile(r"^\s*(?:section\s+)?\(?\d+[a-z]?[.)]\s*(?P<title>[A-Z][^.\n]{3,70})\.(?:\s|$)", re.I)
@@ -182,6 +189,19 @@ def keyword_query(passage: str, title: str, idf: dict[str, float]) -> str:
     return " ".join(w for w in candidates if w in best) + f" ({title})"
 
 
+def keyword_passages(candidates: list[tuple[str, str]], headings: int) -> set[str]:
+    """Which of the (doc_id, passage) without a heading get a keyword query: one in KEYWORD_SHARE,
+    drawn by a hash of both, and no more than half as many as there are `headings` queries (lowest
+    hashes first), so keyword examples are at most a third of the heading and keyword ones."""
+    draws = sorted((_draw(doc_id, passage), passage) for doc_id, passage in candidates)
+    drawn = [passage for draw, passage in draws if draw % KEYWORD_SHARE == 0]
+    return set(drawn[: headings // 2])
+
+
+def _draw(doc_id: str, passage: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{doc_id}\0{passage}".encode()).digest()[:8], "big")
+
+
 def _normalized(passage: str) -> str:
     return " ".join(passage.lower().split())
 
@@ -203,9 +223,10 @@ def collect(limit: int | None, seed: int, root: Path | None = None) -> Collected
 
 
 def find_examples(docs: list[Document], with_text: bool = False) -> list[Example]:
-    """`find` examples of documents: each passage seen for the first time, with its query (a heading,
-    a copyright stanza's question, else its rarest words); with_text: also the passages as `lm` text.
-    Used for license texts here and for the language reference (python_stdlib.py)."""
+    """`find` examples of documents: each passage seen for the first time with its heading or copyright
+    stanza's question (family "heading"), else a few of them (keyword_passages) with their rarest
+    words (family "keyword"); with_text: also all the passages as `lm` text. Used for license texts
+    here and for the language reference (python_stdlib.py). Passages are unique across documents."""
     kept: list[tuple[str, str, list[str]]] = []  # doc_id, title, passages seen here first
     seen: set[str] = set()
     for doc in docs:
@@ -222,11 +243,18 @@ def find_examples(docs: list[Document], with_text: bool = False) -> list[Example
     n = max(1, sum(len(ps) for _, _, ps in kept))
     idf = {w: math.log(n / c) for w, c in df.items()}
 
+    queries = {p: structured_query(p, title) for _, title, ps in kept for p in ps}
+    plain = [(doc_id, p) for doc_id, _, ps in kept for p in ps if not queries[p]]
+    keyword = keyword_passages(plain, headings=len(queries) - len(plain))
+
     examples: list[Example] = []
     for doc_id, title, passages in kept:
         for passage in passages:
-            query = structured_query(passage, title) or keyword_query(passage, title, idf)
-            examples.append(Example("find", query, passage, doc_id))
+            if queries[passage]:
+                examples.append(Example("find", queries[passage], passage, doc_id, family="heading"))
+            elif passage in keyword:
+                query = keyword_query(passage, title, idf)
+                examples.append(Example("find", query, passage, doc_id, family="keyword"))
         if with_text:
             text = "\n\n".join(passages)
             examples.extend(Example("lm", "", chunk, doc_id) for chunk in chunks(text, LM_CHUNK_CHARS))

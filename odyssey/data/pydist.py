@@ -1,5 +1,6 @@
-"""The installed Python distributions: long description -> one-line summary (`summarize`), the
-descriptions as plain text (`lm`), and the license files they bundle (read by legal.py for `find`).
+"""The installed Python distributions: long description -> one-line summary (`summarize`), summary ->
+the description's opening (`find`, family "synopsis"), the descriptions as plain text (`lm`) and as
+documents, and the license files they bundle (read by legal.py for `find`).
 
 Found through importlib.metadata, so they are there wherever Python runs (a virtual environment, a
 conda env, macOS, Fedora, Alpine), unlike Debian's package index. A distribution is listed once by
@@ -9,6 +10,9 @@ description, summary and license files fall in one split.
 
 Descriptions are project READMEs: badges, logos, HTML and reST image directives are dropped first,
 and the summarize input is cut to the first few paragraphs (what a summary describes is at the top).
+The `find` passage is shorter, the first paragraphs up to MAX_FIND_CHARS (opening(): cut at a
+paragraph, else a sentence, else a word boundary), after any first paragraphs that only repeat the
+name or the summary: a query whose words are not the passage's, unlike legal.py's keyword queries.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from odyssey.data.sampling import sample
-from odyssey.data.schema import Collected, Example
+from odyssey.data.schema import Collected, Document, Example
 from odyssey.data.text import chunks
 
 MIN_DESCRIPTION_CHARS = 80  # shorter, there is nothing to summarise
 MAX_SUMMARIZE_CHARS = 3000  # the summarize input: the description's first paragraphs up to this
+MAX_FIND_CHARS = 700  # the find passage: the description's first paragraphs up to this
+MIN_FIND_CHARS = 80
 MAX_LM_CHARS = 20_000  # some descriptions carry a whole changelog; the first part is enough
 LM_CHUNK_CHARS = 4000
 MIN_SUMMARY_CHARS = 10
@@ -38,6 +44,10 @@ _RST_SUBSTITUTIONS = re.compile(r"^[\s|]*(?:\|[^|\n]+\|_?[\s|]*)+$")  # a line o
 _TABLE_RULE = re.compile(r"^[\s|:-]*\|[\s|:-]*$")  # "| --- | --- |" left of a table
 _RULE = re.compile(r"^\s*([-=*_~])\1{2,}\s*$")
 _RST_DIRECTIVE = re.compile(r"^\.\.\s")  # ".. image::", ".. |x| image::", ".. raw:: html", comments
+_PARAGRAPH = re.compile(r"\S(?:.|\n(?![ \t]*\n))*")  # a blank-line separated block
+_SENTENCE_END = re.compile(r"[.!?](?=\s)")
+_WORD_END = re.compile(r"\S(?=\s)")
+_WORDS = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -118,22 +128,63 @@ def description(dist: importlib.metadata.Distribution) -> str:
     return "" if raw.strip() == "UNKNOWN" else clean_description(raw)
 
 
-def examples_of(item: Installed) -> list[Example]:
-    """summarize (the description's opening -> the Summary) and lm (name, summary, description)."""
+def examples_of(item: Installed) -> tuple[list[Example], Document | None]:
+    """summarize (the description's opening -> the Summary), find (the Summary -> a shorter opening),
+    lm (name, summary, description); and the description as a document when a find passage is in it."""
     doc_id = f"pypi:{item.name}"
     summary = " ".join((item.dist.metadata.get("Summary") or "").split())
     summary = "" if summary == "UNKNOWN" else summary
     text = description(item.dist)
     examples: list[Example] = []
     if len(text) >= MIN_DESCRIPTION_CHARS and len(summary) >= MIN_SUMMARY_CHARS:
-        opening = chunks(text, MAX_SUMMARIZE_CHARS)[0]
-        if len(opening) >= MIN_DESCRIPTION_CHARS:
-            examples.append(Example("summarize", opening, summary, doc_id))
+        head = chunks(text, MAX_SUMMARIZE_CHARS)[0]
+        if len(head) >= MIN_DESCRIPTION_CHARS:
+            examples.append(Example("summarize", head, summary, doc_id))
+        passage = find_passage(text, item.title, summary)
+        if len(passage) >= MIN_FIND_CHARS:
+            examples.append(Example("find", summary, passage, doc_id, family="synopsis"))
     body = "\n\n".join(part for part in (f"{item.title}: {summary}" if summary else "", text) if part)
     if len(body) >= MIN_DESCRIPTION_CHARS:
         cut = chunks(body, MAX_LM_CHARS)[0]
         examples.extend(Example("lm", "", chunk, doc_id) for chunk in chunks(cut, LM_CHUNK_CHARS))
-    return examples
+    found = any(ex.task == "find" for ex in examples)
+    return examples, Document(doc_id, item.title, text) if found else None
+
+
+def find_passage(text: str, title: str, summary: str) -> str:
+    """The opening of a description, for the `find` query of its summary: after the first paragraphs
+    that only repeat the name or the summary (a "# Requests" title), which would give the passage away."""
+    known = set(_WORDS.findall(f"{title} {summary}".lower()))
+    start = 0
+    for m in _PARAGRAPH.finditer(text):
+        if not set(_WORDS.findall(m.group().lower())) <= known:
+            break
+        start = m.end()
+    return opening(text[start:], MAX_FIND_CHARS)
+
+
+def opening(text: str, limit: int) -> str:
+    """The start of text, at most limit characters and an exact substring of it: up to the last
+    paragraph that ends within limit, else the last sentence, else the last word; never mid-word.
+    A boundary that would keep less than a third of limit is passed over for the next kind."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    for boundary in (_PARAGRAPH, _SENTENCE_END, _WORD_END):
+        end = _last_end(boundary, text, limit)
+        if end >= limit // 3:
+            return text[:end].rstrip()
+    return ""
+
+
+def _last_end(pattern: re.Pattern, text: str, limit: int) -> int:
+    """The end of pattern's last match in text that ends within limit (0 if none)."""
+    last = 0
+    for m in pattern.finditer(text):
+        if m.end() > limit:
+            break
+        last = m.end()
+    return last
 
 
 def license_files(items: list[Installed] | None = None) -> list[tuple[str, str, Path]]:
@@ -158,8 +209,14 @@ def _is_license_name(name: str) -> bool:
 
 
 def collect(limit: int | None, seed: int) -> Collected:
-    """Examples from up to `limit` installed distributions (all when None), chosen by hash."""
+    """Examples (and the descriptions with a find passage, as documents) from up to `limit` installed
+    distributions (all when None), chosen by hash."""
     chosen = sample(installed(), limit, seed, key=lambda item: item.name)
-    examples = [ex for item in chosen for ex in examples_of(item)]
+    examples: list[Example] = []
+    documents: list[Document] = []
+    for item in chosen:
+        found, document = examples_of(item)
+        examples += found
+        documents += [document] if document else []
     files = [path for item in chosen if (path := metadata_file(item.dist)) is not None]
-    return Collected("python_packages", files, examples)
+    return Collected("python_packages", files, examples, documents)

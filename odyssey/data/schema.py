@@ -6,6 +6,8 @@
     doc_id  the document the example comes from: splits are drawn per document, so no passage of
             a validation or test document is ever trained on
     split   train | val | test (optional in user files: drawn from doc_id when absent)
+    family  optional: which kind of example of its task (e.g. `find`'s "synopsis" or "keyword"
+            queries, `moderate`'s "rules_hidden" examples), so evaluation reports each kind apart
 
 A user file that breaks the schema is refused with an error naming the file, the row (1-based: the
 line of a JSONL file) and the column.
@@ -25,7 +27,7 @@ from odyssey.errors import SchemaError
 from odyssey.tasks import SPLITS, TASKS
 
 REQUIRED = ("task", "input", "target", "doc_id")
-COLUMNS = (*REQUIRED, "split")
+COLUMNS = (*REQUIRED, "split", "family")
 SCHEMA = pa.schema([(name, pa.string()) for name in COLUMNS])
 
 
@@ -36,6 +38,7 @@ class Example:
     target: str
     doc_id: str
     split: str | None = None
+    family: str = ""
 
 
 # Whole documents, kept beside the examples for retrieval (the passage index of `find`).
@@ -163,7 +166,9 @@ def _check_row(path: Path, row: int, record: dict) -> Example:
     split = record.get("split") or None
     if split is not None and split not in SPLITS:
         raise fail("split", f"{split!r} is not a split (splits: {', '.join(SPLITS)}, or leave it empty)")
-    return Example(task, record["input"] or "", record["target"], record["doc_id"], split)
+    return Example(
+        task, record["input"] or "", record["target"], record["doc_id"], split, record.get("family") or ""
+    )
 
 
 def _check_split_per_document(path: Path, rows: list[tuple[int, Example]]) -> None:

@@ -1,110 +1,110 @@
-"""A model's raw answers to a shard of held-out examples, task by task, as serving would give them:
-greedy decoding, the moderation answers scored whole, passages and queries embedded as raw text.
-No Ray here: runner.py sends each shard to a Ray task that calls `answer`.
+"""A model's raw answers to a shard of held-out examples, task by task, exactly as serving gives them:
+the same decoder (odyssey/decoding.py), the same answer rules and settings (odyssey/answers.py), the
+same embedding (odyssey/retrieval.py). No Ray here: runner.py sends each shard to a Ray task.
 
-Every function takes rows of the corpus schema (task, input, target, doc_id) and returns one dict per
-row. A row whose prompt leaves the model no room to answer is marked `skipped` rather than cut: the
-report counts it, so a context too short for the test set shows instead of hiding.
+Every function takes rows of the corpus schema (task, input, target, doc_id, family) and returns one
+dict per row. A row whose prompt leaves the model no room to answer is marked `skipped` rather than
+cut: the report counts it, so a context too short for the test set shows instead of hiding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from odyssey.code_checks import completion_error, doctest_check, run_check
+from odyssey import answers, retrieval
+from odyssey.answers import AnswerSettings
+from odyssey.code_checks import checks_for, run_check
+from odyssey.decoding import BatchDecoder, GenerationParams
 from odyssey.model import Transformer
-from odyssey.tasks import ANSWERS, MODERATION_LABELS, format_labels, label_probabilities, parse_labels
+from odyssey.tasks import parse_labels
 from odyssey.tokenizer import Tokenizer
 
 ROWS_PER_FORWARD = 32  # rows per forward pass; bounds the memory of one call
 TOO_LONG = "the prompt leaves no room for an answer in the model's context"
+JUDGES = ("rules", "model", "served")  # moderation's three rows: each half alone, and what serving answers
 
 
-@dataclass(frozen=True)
-class AnswerSettings:
-    """How answers are produced: the serving app's defaults (serve/config.yaml)."""
-
-    summary_max_tokens: int = 64
-    code_max_tokens: int = 128
-    moderation_threshold: float = 0.5  # a label applies when its probability reaches it
-    # Run the doctests of `code` prompts against the generated bodies (and the references) in a limited
-    # child process (odyssey/code_checks.py). False: parse rate and exact match only, nothing executed.
-    run_code_checks: bool = True
-
-
-def _chunks(items: list, n: int = ROWS_PER_FORWARD):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
-def _greedy(model: Transformer, tok: Tokenizer, task: str, rows: list[dict], max_tokens: int) -> list:
-    """Greedy answers (text, or None for a prompt that does not fit), batched by prompt length so each
-    batch pads little and gets the room its longest prompt leaves."""
+def complete(
+    model: Transformer, tok: Tokenizer, task: str, texts: list[str], params: list[GenerationParams]
+) -> list:
+    """The text each (input, params) pair decodes to, as serving decodes it: max_tokens capped to the
+    room its own prompt leaves (None for a prompt that leaves none), whatever it is batched with;
+    batched by prompt length so each batch pads little."""
     room = model.cfg.max_seq_len
-    prompts = [tok.prompt(task, r["input"]) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    out: list[str | None] = [None] * len(rows)
-    fitting = [i for i in order if len(prompts[i]) < room]
-    for part in _chunks(fitting):
-        longest = max(len(prompts[i]) for i in part)
-        ids = model.generate(
-            [prompts[i] for i in part],
-            min(max_tokens, room - longest),
-            temperature=0.0,
-            stop_ids=[tok.eos_id],
-            pad_id=tok.pad_id,
-        )
-        for i, generated in zip(part, ids):
-            out[i] = tok.decode(generated)
+    prompts = [tok.prompt(task, t) for t in texts]
+    fitting = sorted((i for i in range(len(texts)) if len(prompts[i]) < room), key=lambda i: len(prompts[i]))
+    out: list[str | None] = [None] * len(texts)
+    for start in range(0, len(fitting), ROWS_PER_FORWARD):
+        part = fitting[start : start + ROWS_PER_FORWARD]
+        capped = [
+            replace(params[i], max_tokens=min(params[i].max_tokens, room - len(prompts[i]))) for i in part
+        ]
+        decoder = BatchDecoder(model, tok, [prompts[i] for i in part], capped)
+        texts_of = [[] for _ in part]
+        while not decoder.done:
+            for j, chunk in enumerate(decoder.step()):
+                if chunk is not None:
+                    texts_of[j].append(chunk.text)
+        for j, i in enumerate(part):
+            out[i] = "".join(texts_of[j])
     return out
 
 
 def summarize(model, tok, rows, settings: AnswerSettings) -> list[dict]:
-    texts = _greedy(model, tok, "summarize", rows, settings.summary_max_tokens)
+    params = answers.summary_params(settings)
+    texts = complete(model, tok, "summarize", [r["input"] for r in rows], [params] * len(rows))
     return [
-        {"skipped": TOO_LONG} if t is None else {"prediction": t.strip(), "reference": r["target"]}
+        {"skipped": TOO_LONG}
+        if t is None
+        else {"prediction": t.strip(), "reference": r["target"], "input": r["input"]}
         for t, r in zip(texts, rows)
     ]
 
 
 def moderate(model, tok, rows, settings: AnswerSettings) -> list[dict]:
-    answers = [[*tok.encode(format_labels(a)), tok.eos_id] for a in ANSWERS]
-    longest_answer = max(map(len, answers))
+    """Each judge's labels: the rules alone, the model alone, and both as /v1/moderate decides."""
+    options = [[*tok.encode(o), tok.eos_id] for o in answers.MODERATION_OPTIONS]
+    longest_option = max(map(len, options))
     out = []
     for r in rows:
         prompt = tok.prompt("moderate", r["input"])
-        actual = sorted(parse_labels(r["target"]))
-        if len(prompt) + longest_answer > model.cfg.max_seq_len:
-            out.append({"skipped": TOO_LONG, "actual": actual})
+        row = {"actual": sorted(parse_labels(r["target"])), "family": r.get("family") or ""}
+        if len(prompt) + longest_option > model.cfg.max_seq_len:
+            out.append({"skipped": TOO_LONG, **row})
             continue
-        logprobs = model.score([prompt] * len(answers), answers, tok.pad_id).tolist()
-        probs = label_probabilities(logprobs)
-        unsafe = {label for label in MODERATION_LABELS[1:] if probs[label] >= settings.moderation_threshold}
-        out.append({"predicted": sorted(unsafe or {"safe"}), "actual": actual})
+        logprobs = model.score([prompt] * len(options), options, tok.pad_id).tolist()
+        for judge in JUDGES:
+            verdict = answers.moderation(r["input"], logprobs, settings, judge)
+            row[judge] = sorted(verdict.labels)
+        out.append(row)
     return out
 
 
-def code(model, tok, rows, settings: AnswerSettings) -> list[dict]:
-    bodies = _greedy(model, tok, "code", rows, settings.code_max_tokens)
+def code(model, tok, rows, settings: AnswerSettings, run_checks: bool = True) -> list[dict]:
+    """The answer serving gives (the first of the attempts that parses, else the greedy one), and with
+    run_checks its executable check (odyssey/code_checks.py) when the example has one that the
+    reference itself passes (a check the reference fails proves nothing)."""
+    tries = answers.code_params(settings)
+    flat = complete(
+        model, tok, "code", [r["input"] for r in rows for _ in tries], [p for _ in rows for p in tries]
+    )
     out = []
-    for r, body in zip(rows, bodies):
-        if body is None:
-            out.append({"skipped": TOO_LONG})
+    for n, r in enumerate(rows):
+        attempts = flat[n * len(tries) : (n + 1) * len(tries)]
+        family = r.get("family") or ""
+        if attempts[0] is None:
+            out.append({"skipped": TOO_LONG, "family": family})
             continue
-        body = body.rstrip()
-        row = {
-            "parses": completion_error(r["input"], body) is None,
-            "exact": body.strip() == r["target"].strip(),
-        }
-        check = doctest_check(r["input"], r.get("doc_id", "")) if settings.run_code_checks else None
-        if check is not None:
-            reference = run_check(check, r["target"])  # a check the reference fails proves nothing
-            if reference.passed:
-                result = run_check(check, body)
-                row["check"] = {"passed": result.passed, "error": result.error}
+        best, error = answers.pick_code(r["input"], attempts)
+        answer = attempts[best].rstrip()
+        row = {"parses": error is None, "exact": answer.strip() == r["target"].strip(), "family": family}
+        check = checks_for(r["input"], r["target"], r.get("doc_id", ""), family) if run_checks else None
+        if check is not None and run_check(check, r["target"]).passed:
+            result = run_check(check, answer)
+            row["check"] = {"passed": result.passed, "error": result.error}
         out.append(row)
     return out
 
@@ -127,11 +127,8 @@ def lm(model, tok, rows, settings: AnswerSettings) -> list[dict]:
 
 
 def embed(model: Transformer, tok: Tokenizer, texts: list[str]) -> np.ndarray:
-    """Unit vectors (N, D) of raw texts, each cut to the model's context: what /v1/find embeds."""
-    limit = model.cfg.max_seq_len
-    rows = [tok.encode(t)[:limit] or [tok.pad_id] for t in texts]
-    parts = [model.embed(part, tok.pad_id).float().numpy() for part in _chunks(rows)]
-    return np.concatenate(parts) if parts else np.zeros((0, model.cfg.d_model), dtype=np.float32)
+    """Unit vectors (N, D) of queries or passages: what /v1/find embeds (odyssey/retrieval.py)."""
+    return retrieval.embed_texts(model, tok, texts)
 
 
 ANSWER = {"summarize": summarize, "moderate": moderate, "code": code, "lm": lm}

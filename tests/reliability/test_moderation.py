@@ -9,6 +9,7 @@ import math
 import pytest
 
 from odyssey import moderation_rules
+from odyssey.answers import AnswerSettings
 from odyssey.data.corpus import read_split
 from odyssey.tasks import ANSWERS
 from serve.errors import ModerationUnavailable
@@ -89,7 +90,7 @@ class Scores:
 
 
 def verdict(lm, text: str = "hello") -> dict:
-    return asyncio.run(Moderator.func_or_class(lm, 0.5)(text))
+    return asyncio.run(Moderator.func_or_class(lm, AnswerSettings(moderation_threshold=0.5))(text))
 
 
 def test_the_moderator_fails_closed_on_non_numbers_and_errors():
@@ -112,10 +113,18 @@ def test_rules_fire_on_the_corpus_personal_data_and_never_on_its_safe_examples(c
         r for split in ("train", "val", "test") for r in read_split(corpus_dir, "moderate", split).to_pylist()
     ]
     safe = [r["input"] for r in rows if r["target"] == "safe"]
-    personal = [r["input"] for r in rows if "personal_data" in r["target"]]
+    personal = [r for r in rows if "personal_data" in r["target"]]
     assert len(safe) >= 50 and len(personal) >= 30
     assert not [t for t in safe if moderation_rules.scan(t)]
-    found = sum(any(h.label == "personal_data" for h in moderation_rules.scan(t)) for t in personal)
-    assert found >= 0.8 * len(personal)  # street addresses are the model's to find
+    # What the rules can see, they find every time; what they cannot (addresses, spelt-out e-mails) is
+    # the model's to find: no rule fires there, so the rules_hidden examples measure the model alone.
+    found = {
+        r["input"]: any(h.label == "personal_data" for h in moderation_rules.scan(r["input"]))
+        for r in personal
+    }
+    visible = [r["input"] for r in personal if r["family"] == "rules_visible"]
+    hidden = [r["input"] for r in personal if r["family"] == "rules_hidden"]
+    assert visible and hidden and all(found[t] for t in visible)
+    assert not any(moderation_rules.scan(t) for t in hidden)
     assert moderation_rules.scan("4111 1111 1111 1112") == []  # fails the Luhn check: not a card
     assert moderation_rules.scan("0000 0000 0000 0000") == []

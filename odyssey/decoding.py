@@ -5,7 +5,8 @@ one KV cache and streamed back as text.
     while not decoder.done:
         chunks = decoder.step()   # one token per live row -> one Chunk per row (None once a row ended)
 
-No Ray here: serve/language_model.py runs this inside a deployment, one batch at a time.
+No Ray here: serve/language_model.py runs this inside a deployment, one batch at a time, and
+evaluation (odyssey/evaluation/inference.py) drives it to the end for its answers: one decode path.
 """
 
 from __future__ import annotations
@@ -111,12 +112,17 @@ class BatchDecoder:
     ):
         if len(prompts) != len(params) or not prompts:
             raise ValueError("one GenerationParams per prompt, and at least one prompt")
-        longest = max(len(p) for p in prompts)
-        room = longest + max(p.max_tokens for p in params)
-        if room > model.cfg.max_seq_len:
+        over = [
+            len(p) + q.max_tokens
+            for p, q in zip(prompts, params)
+            if len(p) + q.max_tokens > model.cfg.max_seq_len
+        ]
+        if over:
             raise ValueError(
-                f"prompt of {longest} tokens + max_tokens exceeds max_seq_len={model.cfg.max_seq_len}"
+                f"a prompt + its max_tokens = {over[0]} tokens exceeds max_seq_len={model.cfg.max_seq_len}"
             )
+        # Left-padded: every row's prompt ends at the longest's end; each row then has its own room.
+        room = max(len(p) for p in prompts) + max(p.max_tokens for p in params)
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.prompt_tokens = [len(p) for p in prompts]
         self.generated = [0] * len(prompts)
