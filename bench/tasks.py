@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STORAGE = ROOT / "runs" / "bench-tasks"
 CALIBRATION_STEPS = 3
 # The full corpus (every source, its own tokenizer and blocks), kept outside the wiped run directories.
-DEFAULT_SET = [f"data.corpus={ROOT / 'runs' / 'data' / 'bench-tasks'}", "data.prepare_preset=full"]
+DEFAULT_SET = ["data.corpus=runs/data/bench-tasks", "data.prepare_preset=full"]  # from the checkout's root
 ROWS_PER_FORWARD = 32
 
 
@@ -378,9 +378,11 @@ def main() -> None:
         "--steps", type=int, default=None, help="train exactly this many steps (no calibration)"
     )
     parser.add_argument("--limit", type=int, default=300, help="test examples per task")
+    parser.add_argument("--name", default="tasks", help="results file name (bench/gpu_tasks.sh: gpu_tasks)")
     parser.add_argument("--find-limit", type=int, default=2000, help="find's test queries")
     args = parser.parse_args()
     args.set = DEFAULT_SET if args.set is None else args.set
+    os.chdir(ROOT)  # relative paths of the recipe and DEFAULT_SET are the checkout's
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -466,7 +468,7 @@ def main() -> None:
         "before this change (mean of the final hidden states of the raw text, no prompt). Targets: "
         "must ones gate the change, goals are reported."
     )
-    path = report.write("tasks", figures, targets, table_of(figures, targets), notes)
+    path = report.write(args.name, figures, targets, table_of(figures, targets), notes)
     print(path.read_text())
 
 
