@@ -5,12 +5,7 @@
 # $OUT/gpu_tasks.json and .md (bench/results/ without $OUT), with the card's name.
 # Prepare here first: bench/gpu_wheels.sh; then, with the device tool:
 #   run(command="bash bench/gpu_tasks.sh", carry=[".whl"], timeout_s=590)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-bench/results}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_setup.sh"  # wheels in, card named, $out set
 python3 bench/tasks.py --recipe gpt-125m --name gpu_tasks --minutes 6 --limit 200 --find-limit 1000 \
     --set data.corpus=/tmp/odyssey-data --set data.prepare=true --set data.prepare_preset=full \
     --set data.vocab_size=16384 --set data.load=memory --set storage=/tmp/odyssey-runs \

@@ -5,12 +5,7 @@
 # Prepare here first: bench/gpu_wheels.sh; then, with the device tool:
 #   run(command="bash bench/gpu_train.sh", carry=[".whl"], timeout_s=540)
 # Target: MFU >= 45% on an H100.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-bench/results}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_setup.sh"  # wheels in, card named, $out set
 data=/tmp/odyssey-data
 python3 -m odyssey -q data build --out $data --preset tiny
 python3 -m odyssey -q tokenizer train --corpus $data --vocab-size 8192

@@ -206,7 +206,7 @@ def test_the_demo_trains_evaluates_serves_and_answers_every_endpoint(demo):
     }
     report = json.loads(Path(s["eval"]).read_text())
     assert report["tasks"]["find"]["bm25"]["mrr"] > 0 and report["limit"] == 8
-    assert "| find | mrr |" in stdout  # the eval table, printed
+    assert "| find | mrr (all) |" in stdout  # the eval table, printed
     assert 1 < s["metrics"]["lm.perplexity"] < 2000  # trained: far below an untrained model's ~vocab size
     assert "eta" in demo.run.stderr  # progress lines
     assert httpx.get(f"{demo.url}/healthz", timeout=30).status_code == 200  # --keep-serving: still up
