@@ -3,12 +3,12 @@
     python bench/onnx.py [--threads 1] [--rounds 5]
 
 Both backends are the serving code's own (odyssey/model.py; odyssey/ort_model.py runs the blocks in
-ONNX Runtime and everything else in the same torch code), with the thread count a serving replica
-gets (num_cpus: 1). Measured, for the `tiny` and `small` presets (random weights: speed does not
-depend on them):
+ONNX Runtime and everything else in the same torch code; odyssey/engine.py drives either), with the
+thread count a serving replica gets (num_cpus: 1). Measured, for the `tiny` and `small` presets
+(random weights: speed does not depend on them):
 
-- forward: one pass over a left-padded batch, as prefill, label scoring and passage embedding run it
-- generation: prefill + 64 greedy tokens over the KV cache, as /v1/completions runs it
+- forward: one pass over a left-padded batch, as passage embedding runs it
+- generation: prefill + 64 greedy tokens over the engine's KV cache, as /v1/completions runs it
 
 torch and ONNX Runtime alternate within each round (ABAB), and each figure is the median over rounds,
 so the machine's drift hits both alike. Writes bench/results/onnx.{json,md,png}.
@@ -32,6 +32,7 @@ import torch  # noqa: E402 - after the path fix above
 
 from bench import report  # noqa: E402
 from odyssey import artifact  # noqa: E402
+from odyssey.engine import EngineConfig, GenerationParams, generate  # noqa: E402
 from odyssey.model import ModelConfig, Transformer  # noqa: E402
 
 TARGET = 1.5
@@ -45,6 +46,23 @@ def prompts(batch: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
     # Different lengths in a batch, as real requests have: left padding and masks take part.
     lengths = [tokens - (i * tokens) // (2 * batch) for i in range(batch)]
     return [torch.randint(10, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+class NoText:
+    """The engine's tokenizer for random weights: no end-of-text token (each row decodes all its tokens,
+    as the figures assume) and no text to build (the bench times the model, as before the engine)."""
+
+    eos_id, pad_id = -1, 0
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def greedy(model: Transformer, rows: list[list[int]], tokens: int) -> list[list[int]]:
+    """`tokens` greedy tokens after each row, the rows decoded together (a cache row each)."""
+    config = EngineConfig(max_num_seqs=len(rows), max_waiting=len(rows))
+    params = GenerationParams(max_tokens=tokens, temperature=0.0)
+    return [c.token_ids for c in generate(model, NoText(), rows, params, config)]
 
 
 def timed(fn, repeats: int) -> float:
@@ -75,7 +93,7 @@ def measure(models: dict, rounds: int) -> dict:
                         call = lambda m=model, r=rows_in: m.embed(r)  # noqa: E731 - one left-padded forward pass
                         repeats = 20 if tokens <= 32 else 8
                     else:
-                        call = lambda m=model, r=rows_in: m.generate(r, GENERATE_TOKENS, temperature=0.0)  # noqa: E731
+                        call = lambda m=model, r=rows_in: greedy(m, r, GENERATE_TOKENS)  # noqa: E731
                         repeats = 3
                     per_round[backend].append(timed(call, repeats))
             t = {b: statistics.median(v) for b, v in per_round.items()}
@@ -105,8 +123,7 @@ def int8_error(model: Transformer, int8) -> dict:
     return {
         "logits_max_abs_diff_over_max_abs": round(float((int8(ids) - ref).abs().max() / ref.abs().max()), 4),
         "embedding_min_cosine": round(float((int8.embed(rows) * model.embed(rows)).sum(-1).min()), 5),
-        "greedy_64_tokens_equal": int8.generate(rows, 64, temperature=0.0)
-        == model.generate(rows, 64, temperature=0.0),
+        "greedy_64_tokens_equal": greedy(int8, rows, 64) == greedy(model, rows, 64),
     }
 
 

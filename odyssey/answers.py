@@ -23,7 +23,7 @@ from typing import Literal
 
 from odyssey import moderation_rules
 from odyssey.code_checks import completion_error
-from odyssey.decoding import GenerationParams
+from odyssey.engine import GenerationParams
 from odyssey.errors import ConfigError
 from odyssey.tasks import ANSWERS, UNSAFE_LABELS, format_labels, label_probabilities
 

@@ -1,8 +1,9 @@
 """The Odyssey language model: one decoder-only transformer that serves every task.
 
 Read top to bottom: the config and its named presets, the building blocks (RMSNorm, rotary
-embeddings, attention, SwiGLU), then the model: a training forward, and for inference a prefill/decode
-pair over a KV cache with `generate`, `embed` (for passage search) and `score` (for label scoring).
+embeddings, attention, SwiGLU), then the model: a training forward, and for inference
+the seam an inference engine drives (`hidden_states` over its KV cache: odyssey/engine.py), `embed`
+(for passage search) and `sample`.
 One forward serves training: the language-model loss, or with `embed_valid` the rows' embeddings
 that train/'s contrastive objective trains (and `embed` reads at inference, the same function).
 
@@ -166,29 +167,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-class KVCache:
-    """Keys and values of every layer for a batch being decoded, preallocated to max_len positions.
-
-    k, v: (L, B, K, max_len, E). `valid` (B, max_len) marks real tokens, so left padding is never attended.
-    `length` counts the positions filled; the model advances it after its last layer.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # next position of each row
-        self.length = 0
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this call's k, v (B, K, T, E); return all keys and values so far (B, K, S, E)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -201,7 +179,7 @@ class Attention(nn.Module):
         # q.k grows like E, not sqrt(E).
         self.scale = 1.0 / cfg.head_dim if cfg.mup else 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, E)
@@ -299,7 +277,7 @@ class Transformer(nn.Module):
         if embed_valid is not None:
             return self.embedding(input_ids, embed_valid)
         h = self.hidden_states(input_ids, self.rope_cos[:T], self.rope_sin[:T])
-        logits = self._logits(h)
+        logits = self.logits(h)
         if targets is None:
             return logits
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
@@ -315,13 +293,14 @@ class Transformer(nn.Module):
         output projection, sampling) calls this one method, so a backend that runs the blocks elsewhere
         replaces it alone (odyssey/ort_model.py: ONNX Runtime). cos, sin: `rope_at(positions)`, or
         (T, E/2) slices of the tables when every row starts at position 0; mask (B, 1, T, S): which keys
-        each query sees (None: causal); cache: a KVCache whose `store` each layer calls."""
+        each query sees (None: causal); cache: the engine's KV cache view (odyssey/engine.py), whose
+        `store(layer, k, v)` each layer calls and which returns the keys and values to attend."""
         x = self.tok_emb(ids)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
         return self.norm(x)
 
-    def _logits(self, h):
+    def logits(self, h):
         # Tied output projection; µP divides the logits by the width multiplier so that their scale
         # after training does not grow with width.
         logits = F.linear(h, self.tok_emb.weight)  # (B, T, V)
@@ -383,77 +362,6 @@ class Transformer(nn.Module):
         """positions (B, T) -> the rotary angles hidden_states takes: cos, sin (B, 1, T, E/2)."""
         return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
 
-    @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], max_len: int, pad_id: int = 0):
-        """Run left-padded prompts through the model, filling a fresh KV cache of max_len positions.
-        Returns the next-token logits (B, V) and the cache. Positions count per row, so max_len may
-        pass max_seq_len when a short prompt decodes further than the longest: each row's own prompt
-        plus its new tokens must fit the context (the caller checks it; `generate` does)."""
-        ids, valid = self._left_pad(prompts, pad_id)
-        B, T = ids.shape
-        if self.cfg.max_seq_len < T or max_len < T:
-            raise ValueError(f"{T} prompt tokens, room for {max_len}, max_seq_len={self.cfg.max_seq_len}")
-        cache = KVCache(self.cfg, B, max_len, ids.device, self.tok_emb.weight.dtype)
-        cache.valid[:, :T] = valid
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # each row's real tokens count from 0
-        h = self.hidden_states(ids, *self.rope_at(positions), self._padded_mask(valid, 0, T), cache)
-        cache.length = T
-        cache.positions = valid.sum(1)
-        return self._logits(h[:, -1]), cache
-
-    @torch.no_grad()
-    def decode(self, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append one token per row (B,) to the cache; return the logits of the token after it (B, V)."""
-        if cache.length >= cache.k.shape[3]:
-            raise ValueError("the KV cache is full")
-        cache.valid[:, cache.length] = True
-        # A row that has ended keeps stepping with its neighbours (its tokens are dropped); its position
-        # may pass the context then, so it is held at the last one.
-        cos, sin = self.rope_at(cache.positions[:, None].clamp(max=self.cfg.max_seq_len - 1))
-        mask = self._padded_mask(cache.valid[:, : cache.length + 1], cache.length, 1)
-        h = self.hidden_states(next_ids[:, None], cos, sin, mask, cache)
-        cache.length += 1
-        cache.positions = cache.positions + 1
-        return self._logits(h[:, -1])
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_ids: tuple[int, ...] | list[int] = (),
-        pad_id: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> list[list[int]]:
-        """Continue each prompt by up to max_new_tokens. temperature 0 is greedy. A row ends at its
-        first stop token, which is not returned. Prompts of different lengths batch together."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        longest = max((len(p) for p in prompts), default=0)
-        if longest + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(
-                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or ask for fewer tokens"
-            )
-        outputs: list[list[int]] = [[] for _ in prompts]
-        if max_new_tokens == 0:
-            return outputs
-        logits, cache = self.prefill(prompts, longest + max_new_tokens, pad_id)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
-        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=logits.device)
-        for step in range(max_new_tokens):
-            next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            done |= torch.isin(next_ids, stops)
-            for i in (~done).nonzero().flatten().tolist():
-                outputs[i].append(int(next_ids[i]))
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = self.decode(next_ids, cache)
-        return outputs
-
     def embedding(self, ids, valid):
         """Left-padded rows (B, T) and their real-token mask (B, T) -> unit vectors (B, D): the final
         hidden state of each row's last token. Inputs end in the `find` prompt's end-of-input token
@@ -471,31 +379,6 @@ class Transformer(nn.Module):
         if self.cfg.max_seq_len < ids.shape[1]:
             raise ValueError(f"{ids.shape[1]} tokens exceed max_seq_len={self.cfg.max_seq_len}")
         return self.embedding(ids, valid)
-
-    @torch.no_grad()
-    def score(
-        self, prompts: list[list[int]], continuations: list[list[int]], pad_id: int = 0
-    ) -> torch.Tensor:
-        """Log-probability (summed over tokens) of continuations[i] after prompts[i]: (N,).
-        Label scoring: the label whose tokens the model finds likeliest wins. Pairs from different
-        requests share one forward pass."""
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        if any(len(c) == 0 for c in continuations):
-            raise ValueError("every continuation needs at least one token")
-        rows = [p + c for p, c in zip(prompts, continuations)]
-        ids, valid = self._left_pad(rows, pad_id)
-        T = ids.shape[1]
-        if self.cfg.max_seq_len < T:
-            raise ValueError(f"{T} tokens exceed max_seq_len={self.cfg.max_seq_len}")
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        h = self.hidden_states(ids, *self.rope_at(positions), self._padded_mask(valid, 0, T))
-        logprobs = F.log_softmax(self._logits(h[:, :-1]).float(), dim=-1)  # predicts tokens 1..T-1
-        token_lp = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
-        # Rows are left-padded, so each continuation's tokens are the last len(c) predictions.
-        n_cont = torch.tensor([len(c) for c in continuations], device=ids.device)[:, None]  # (N, 1)
-        in_cont = torch.arange(T - 1, device=ids.device)[None, :] >= T - 1 - n_cont  # (N, T-1)
-        return (token_lp * in_cont).sum(-1)
 
 
 def sample(

@@ -13,11 +13,15 @@ The graph is exactly `Transformer.hidden_states` (embedding lookup, every block,
     outputs  hidden    (B, T, D)
              new_k, new_v (L, B, K, T, E)       this call's keys and values, for the cache
 
-Everything around it (left padding, masks, positions, the KV cache's bookkeeping, the tied output
-projection, sampling) stays the torch model's own code in odyssey/model.py, so both backends share one
-prefill, decode, embed and score, and differ only in who runs the blocks. The output projection stays
-outside the graph because the callers want different rows of it: prefill and decode the last
-position's, label scoring every position's, passage embedding none.
+Everything around it (padding, masks, positions, the KV cache, the tied output projection, sampling)
+stays torch code: the inference engine's (odyssey/engine.py) and the model's own (odyssey/model.py), so
+both backends share one engine and one embed, and differ only in who runs the blocks. The output
+projection stays outside the graph because the callers want different rows of it: prefill and decode
+the last position's, label scoring every position's, passage embedding none.
+
+The graph cannot write into the engine's cache, so each call hands it the past of its rows (their
+first P positions, P the furthest any row has come) and writes the keys and values it returns into the
+cache afterwards (`_past`).
 
 ONNX files are protobuf: loading one runs no code, like safetensors.
 """
@@ -181,19 +185,35 @@ class OrtTransformer(Transformer):
     def hidden_states(self, ids, cos, sin, mask=None, cache=None):
         B, T = ids.shape
         cfg = self.cfg
-        if mask is None:  # a whole causal sequence (the training forward): spell the causal mask out
-            mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
         if cos.dim() == 2:  # positions shared by every row: (T, E/2) -> (B, 1, T, E/2)
             cos, sin = cos.expand(B, 1, T, -1), sin.expand(B, 1, T, -1)
-        mask = mask.expand(B, 1, T, mask.shape[-1])
-        if cache is None:
-            past_k = past_v = torch.zeros(cfg.n_layer, B, cfg.kv_heads, 0, cfg.head_dim)
+        if cache is not None:  # the caller's mask is over the cache's positions; the graph's over past + new
+            past_k, past_v, mask = _past(cache, T)
         else:
-            past_k, past_v = cache.k[:, :, :, : cache.length], cache.v[:, :, :, : cache.length]
+            if mask is None:  # a whole causal sequence (the training forward): spell the causal mask out
+                mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            mask = mask.expand(B, 1, T, mask.shape[-1])
+            past_k = past_v = torch.zeros(cfg.n_layer, B, cfg.kv_heads, 0, cfg.head_dim)
         feed = dict(zip(INPUTS, map(_array, (ids, cos.float(), sin.float(), mask, past_k, past_v))))
         hidden, new_k, new_v = self.session.run(OUTPUTS, feed)
-        if cache is not None:  # the caller advances cache.length, as the torch blocks leave it to
-            end = cache.length + T
-            cache.k[:, :, :, cache.length : end] = torch.from_numpy(new_k)
-            cache.v[:, :, :, cache.length : end] = torch.from_numpy(new_v)
+        if cache is not None:
+            for layer in range(cfg.n_layer):
+                cache.write(layer, torch.from_numpy(new_k[layer]), torch.from_numpy(new_v[layer]))
         return torch.from_numpy(hidden)
+
+
+def _past(cache, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The graph's inputs for an engine's CacheView (odyssey/engine.py): the past keys and values of
+    its rows (L, B, K, P, E), P = max(starts), and the mask (B, 1, T, P + T) over them followed by this
+    call's T keys, as the graph concatenates them. Row b's own past is its first starts[b] positions;
+    beyond them, up to P, lies what another sequence left there, which no query sees. A query sees this
+    call's keys up to its own, so no mask row is empty (padding queries included: their output is
+    never read)."""
+    P = int(cache.starts.max())
+    past_k = cache.pool.k[:, cache.rows, :, :P]
+    past_v = cache.pool.v[:, cache.rows, :, :P]
+    B = len(cache.rows)
+    own = torch.arange(P)[None, :] < cache.starts[:, None]  # (B, P)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    mask = torch.cat([own[:, None, :].expand(B, T, P), causal.expand(B, T, T)], -1)
+    return past_k, past_v, mask.unsqueeze(1)

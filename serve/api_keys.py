@@ -13,6 +13,7 @@ environment variable (KubeRay: a Secret).
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import secrets
@@ -66,6 +67,17 @@ def ensure(settings) -> tuple[str | None, bool]:
         f.write(key + "\n")
     path.chmod(0o600)  # an empty file that was there before keeps its mode through os.open
     return key, True
+
+
+# The caller's key id in the gateway, set by its /v1 routes' auth dependency and handed to the model with
+# each call, for the metrics by API key. (Here, not in serve/gateway.py: Serve pickles the ingress class
+# by value, and a ContextVar cannot be pickled.)
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller_key_id", default="")
+
+
+def key_id(key: str) -> str:
+    """A short, stable name for a key in metrics and logs: a hash prefix, never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def headers(key: str | None) -> dict:

@@ -1,8 +1,8 @@
 """The application graph, built by a typed builder:
 
                      ┌─> Summarizer ─┐
-    HTTP -> Gateway ─┼─> Moderator  ─┼─> LanguageModel  (one model; batches every task's requests)
-                     ├─> Finder     ─┤
+    HTTP -> Gateway ─┼─> Moderator  ─┼─> LanguageModel  (one model, one engine: every task's requests
+                     ├─> Finder     ─┤                    decode together, joining between steps)
                      ├─> Coder      ─┘
                      └───────────────────> (completions, models, health)
 
@@ -20,9 +20,10 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from odyssey.answers import AnswerSettings
+from odyssey.errors import ConfigError
 from serve.finder import Finder
 from serve.gateway import Gateway, GatewaySettings
-from serve.language_model import LanguageModel, LanguageModelSettings
+from serve.language_model import EngineSettings, LanguageModel, LanguageModelSettings
 from serve.tasks import Coder, Moderator, Summarizer
 
 
@@ -37,7 +38,7 @@ class ModelArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16.0, gt=0)  # per replica, what autoscaling aims at
-    max_ongoing_requests: int = Field(64, ge=1)  # per replica; must exceed max_batch_size to fill batches
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; at least engine.max_num_seqs to fill its batch
     max_queued_requests: int = Field(256, ge=1)  # per caller, beyond which requests get 503 + Retry-After
 
     @model_validator(mode="after")
@@ -56,8 +57,7 @@ class AppArgs(BaseModel):
     model_name: str | None = None  # the name /v1/models shows; default: the model directory's name
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     backend: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: `odyssey export --format onnx`
-    max_batch_size: int = Field(16, ge=1, le=512)
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # continuous batching: odyssey/engine.py
     model: ModelArgs = Field(default_factory=ModelArgs)
     documents: str | None = None  # Parquet (doc_id, text, title?) for /v1/find; default: local license texts
     max_documents: int | None = Field(100, ge=1)
@@ -75,11 +75,16 @@ class AppArgs(BaseModel):
                 f"backend onnxruntime runs float32 on CPU; got device={self.model.device}, "
                 f"dtype={self.dtype}: use backend torch on GPUs"
             )
-        if self.model.max_ongoing_requests < self.max_batch_size:
+        if self.model.max_ongoing_requests < self.engine.max_num_seqs:
             raise ValueError(
-                f"model.max_ongoing_requests={self.model.max_ongoing_requests} < max_batch_size="
-                f"{self.max_batch_size}: a replica could never fill a batch; raise it or lower the batch"
+                f"model.max_ongoing_requests={self.model.max_ongoing_requests} < engine.max_num_seqs="
+                f"{self.engine.max_num_seqs}: a replica could never fill its batch; raise the first or "
+                "lower the second"
             )
+        try:
+            self.engine.config()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return self
 
     def model_settings(self) -> dict:
@@ -87,8 +92,7 @@ class AppArgs(BaseModel):
             model_path=self.model_path,
             dtype=self.dtype,
             backend=self.backend,
-            max_batch_size=self.max_batch_size,
-            batch_wait_timeout_s=self.batch_wait_timeout_s,
+            engine=self.engine,
         ).model_dump()
 
 

@@ -84,8 +84,8 @@ class Finder:
     async def info(self) -> dict:
         return {"passages": len(self.index), "model_id": self.index.model_id}
 
-    async def __call__(self, query: str, k: int = 5) -> dict:
-        embedded = await self.lm.embed.remote([query])
+    async def __call__(self, query: str, k: int = 5, key_id: str = "") -> dict:
+        embedded = await self.lm.embed.remote([query], key_id)
         model_id = embedded["model_id"]
         vector = torch.from_numpy(embedded["vectors"][0])
         if model_id != self.index.model_id:

@@ -38,7 +38,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from odyssey.decoding import GenerationParams
+from odyssey.engine import GenerationParams
 from serve import api_keys, schemas
 from serve.errors import (
     InputTooLong,
@@ -225,14 +225,16 @@ class Gateway:
     def cap(self, max_tokens: int | None) -> int | None:
         return None if max_tokens is None else min(max_tokens, self.settings.max_tokens)
 
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> str:
+        """The caller's API key id (serve/api_keys.py `key_id`; "" with auth off), or 401."""
         if not self.settings.auth:
-            return
+            return ""
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         digest = hashlib.sha256(key.strip().encode()).digest()
         ok = scheme.lower() == "bearer" and any(hmac.compare_digest(digest, d) for d in self.key_digests)
         if not ok:
             raise Unauthorized("missing or invalid API key: send `Authorization: Bearer <key>`")
+        return api_keys.key_id(key.strip())
 
     def model_name(self) -> str:
         return (self.model_id or "odyssey").split("@")[0]
@@ -241,19 +243,23 @@ class Gateway:
 
     async def summarize(self, body: schemas.SummarizeRequest):
         self.check_text("text", body.text)
-        return await self.call(lambda: self.summarizer.remote(body.text, self.cap(body.max_tokens)))
+        return await self.call(
+            lambda: self.summarizer.remote(body.text, self.cap(body.max_tokens), api_keys.CALLER.get())
+        )
 
     async def moderate(self, body: schemas.ModerateRequest):
         self.check_text("text", body.text)
-        return await self.call(lambda: self.moderator.remote(body.text))
+        return await self.call(lambda: self.moderator.remote(body.text, api_keys.CALLER.get()))
 
     async def find(self, body: schemas.FindRequest):
         self.check_text("query", body.query)
-        return await self.call(lambda: self.finder.remote(body.query, body.k))
+        return await self.call(lambda: self.finder.remote(body.query, body.k, api_keys.CALLER.get()))
 
     async def code(self, body: schemas.CodeRequest):
         self.check_text("prompt", body.prompt)
-        return await self.call(lambda: self.coder.remote(body.prompt, self.cap(body.max_tokens)))
+        return await self.call(
+            lambda: self.coder.remote(body.prompt, self.cap(body.max_tokens), api_keys.CALLER.get())
+        )
 
     async def completions(self, body: schemas.CompletionRequest):
         await self.check_model(body.model)
@@ -266,7 +272,10 @@ class Gateway:
                 raise InvalidRequest("stream one prompt at a time")
             return await stream_completion(self, body.prompts[0], params, completion_id, created)
         outs = await asyncio.gather(
-            *(self.call(functools.partial(self.lm.generate.remote, "lm", p, params)) for p in body.prompts)
+            *(
+                self.call(functools.partial(self.lm.generate.remote, "lm", p, params, api_keys.CALLER.get()))
+                for p in body.prompts
+            )
         )
         self.model_id = outs[0]["model"]
         p_tokens, c_tokens = sum(o["prompt_tokens"] for o in outs), sum(o["completion_tokens"] for o in outs)
@@ -381,8 +390,8 @@ def build_api(gw: Gateway) -> FastAPI:
     )
     add_error_handlers(app, gw.settings.retry_after_s)
 
-    def authorized(request: Request) -> None:
-        gw.authorize(request)
+    async def authorized(request: Request) -> None:  # async: it runs in the route's own context
+        api_keys.CALLER.set(gw.authorize(request))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
     for method, path, name, response_model in ROUTES:
@@ -444,7 +453,7 @@ async def stream_completion(
 ):
     """Server-sent events in OpenAI's format: one `text_completion` chunk per step, then [DONE].
     The first chunk is awaited before answering, so that a refusal (413, 503) is still a status code."""
-    chunks = gw.lm.options(stream=True).generate_stream.remote("lm", prompt, params)
+    chunks = gw.lm.options(stream=True).generate_stream.remote("lm", prompt, params, api_keys.CALLER.get())
     timeout = gw.settings.request_timeout_s
 
     async def next_chunk():

@@ -30,10 +30,9 @@ class Summarizer:
         bind_internal_server()
         self.lm, self.settings = lm, settings
 
-    async def __call__(self, text: str, max_tokens: int | None = None) -> dict:
-        out = await self.lm.generate.remote(
-            "summarize", text, answers.summary_params(self.settings, max_tokens)
-        )
+    async def __call__(self, text: str, max_tokens: int | None = None, key_id: str = "") -> dict:
+        params = answers.summary_params(self.settings, max_tokens)
+        out = await self.lm.generate.remote("summarize", text, params, key_id)
         return {
             "summary": out["text"].strip(),
             "finish_reason": out["finish_reason"],
@@ -54,9 +53,9 @@ class Moderator:
         bind_internal_server()
         self.lm, self.settings = lm, settings
 
-    async def __call__(self, text: str) -> dict:
+    async def __call__(self, text: str, key_id: str = "") -> dict:
         try:
-            out = await self.lm.score.remote("moderate", text, list(answers.MODERATION_OPTIONS))
+            out = await self.lm.score.remote("moderate", text, list(answers.MODERATION_OPTIONS), key_id)
             verdict = answers.moderation(text, out["logprobs"], self.settings)
         except (ServeError, RayActorError):
             raise  # the client's error (413), or a replica that died: the gateway retries that one
@@ -79,15 +78,16 @@ class Moderator:
 @serve.deployment(name="Coder")
 class Coder:
     """Code from a plain-language prompt: odyssey/answers.py's attempts (greedy, then seeded samples) go
-    out at once and share the model's batches; the first that parses wins, else the greedy one."""
+    out at once, so the model's engine prefills their shared prompt once; the first that parses wins,
+    else the greedy one."""
 
     def __init__(self, lm: DeploymentHandle, settings: AnswerSettings):
         bind_internal_server()
         self.lm, self.settings = lm, settings
 
-    async def __call__(self, prompt: str, max_tokens: int | None = None) -> dict:
+    async def __call__(self, prompt: str, max_tokens: int | None = None, key_id: str = "") -> dict:
         tries = answers.code_params(self.settings, max_tokens)
-        outs = await asyncio.gather(*(self.lm.generate.remote("code", prompt, p) for p in tries))
+        outs = await asyncio.gather(*(self.lm.generate.remote("code", prompt, p, key_id) for p in tries))
         best, error = answers.pick_code(prompt, [o["text"] for o in outs])
         return {
             "code": outs[best]["text"],

@@ -56,6 +56,8 @@ def ray_cluster():
 
     from odyssey import cluster
 
+    # Processes report their metrics to the node's exporter every 10 s by default; tests read them sooner.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "500")
     cluster.connect(num_cpus=4)
     try:
         yield ray.get_runtime_context()

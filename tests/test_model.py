@@ -1,4 +1,5 @@
-"""The transformer: causality, KV-cache decoding, generation, embeddings, scoring, parameters, saving."""
+"""The transformer: causality, the inference engine's KV cache through it, embeddings, sampling,
+parameters, saving. (Batching, scoring and stopping: tests/test_engine.py.)"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from odyssey import artifact
+from odyssey.engine import Engine, GenerationParams, generate
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import PRESETS, ModelConfig, Transformer, pad_vocab, sample
 
@@ -35,46 +37,25 @@ def test_future_tokens_never_change_past_logits():
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2])
-def test_kv_cache_decoding_matches_full_forward(n_kv_head):
+def test_the_engines_cached_greedy_decoding_matches_the_full_forward(n_kv_head, tokenizer):
+    """The engine's KV cache (odyssey/engine.py) through `hidden_states`, grouped-query attention too:
+    greedy tokens equal the training forward's argmax over the whole sequence, token after token."""
     model = make(replace(CFG, n_kv_head=n_kv_head))
-    ids = random_ids(1, 24)
-    full = model(ids)[0]  # (T, V)
-    logits, cache = model.prefill([ids[0, :8].tolist()], max_len=24)
-    torch.testing.assert_close(logits[0], full[7], atol=1e-4, rtol=1e-4)
-    for t in range(8, 23):
-        logits = model.decode(ids[:, t], cache)
-        torch.testing.assert_close(logits[0], full[t], atol=1e-4, rtol=1e-4)
+    prompt = random_ids(8).tolist()
+    (out,) = generate(model, tokenizer, [prompt], GenerationParams(max_tokens=16, temperature=0.0))
+    assert out.completion_tokens == 16
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + out.token_ids]))[0]  # (T, V): position t predicts token t + 1
+    assert out.token_ids == full[len(prompt) - 1 : -1].argmax(-1).tolist()
 
 
-def test_left_padding_does_not_change_a_row():
-    """Prompts of different lengths batch together: each row decodes as if it were alone."""
-    model = make()
-    short, long = random_ids(5, seed=2)[:].tolist(), random_ids(17, seed=3).tolist()
-    alone_logits, alone_cache = model.prefill([short], max_len=12)
-    both_logits, both_cache = model.prefill([short, long], max_len=24)
-    torch.testing.assert_close(both_logits[0], alone_logits[0], atol=1e-4, rtol=1e-4)
-    nxt = torch.tensor([11, 12])
-    torch.testing.assert_close(
-        model.decode(nxt, both_cache)[0], model.decode(nxt[:1], alone_cache)[0], atol=1e-4, rtol=1e-4
-    )
-
-
-def test_generate_batches_like_single_prompts_and_stops():
-    model = make()
-    prompts = [random_ids(4, seed=4).tolist(), random_ids(9, seed=5).tolist()]
-    batched = model.generate(prompts, max_new_tokens=10, temperature=0.0)
-    singles = [model.generate([p], max_new_tokens=10, temperature=0.0)[0] for p in prompts]
-    assert batched == singles
-    assert all(len(o) == 10 for o in batched)
-    stop = batched[0][3]  # greedy is deterministic: this token comes 4th, so the row ends before it
-    stopped = model.generate(prompts[:1], max_new_tokens=10, temperature=0.0, stop_ids=[stop])[0]
-    assert stopped == batched[0][: batched[0].index(stop)]
-
-
-def test_generate_refuses_more_than_the_context():
-    model = make()
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model.generate([[1] * 60], max_new_tokens=10)
+def test_the_engine_refuses_a_prompt_that_leaves_no_room(tokenizer):
+    engine = Engine(make(), tokenizer)
+    with pytest.raises(ValueError, match="exceed the model's context of 64"):
+        engine.add([1] * 64, GenerationParams(max_tokens=1))
+    with pytest.raises(ValueError, match="exceed the model's context of 64"):
+        engine.add_score([1] * 62, [[5], [6, 7, 8]])
+    engine.add([1] * 63, GenerationParams(max_tokens=10))  # one token of room: max_tokens is capped to it
 
 
 def test_sampling_controls():
@@ -94,25 +75,13 @@ def test_sampling_controls():
         assert sample(logits, tiny_t, top_p=5e-324, generator=gen).item() == 2
 
 
-def test_embed_and_score():
+def test_embed_gives_unit_vectors_whatever_the_padding():
     model = make()
     a, b = random_ids(6, seed=8).tolist(), random_ids(15, seed=9).tolist()
     emb = model.embed([a, b])
     assert emb.shape == (2, CFG.d_model)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(model.embed([a])[0], emb[0], atol=1e-5, rtol=1e-5)  # padding-invariant
-    prompt, conts = a, [[5], [6, 7]]
-    scores = model.score([prompt, prompt], conts)
-    full = torch.log_softmax(model(torch.tensor([[*prompt, 6, 7]]))[0], -1)
-    expected = full[len(prompt) - 1, 6] + full[len(prompt), 7]
-    torch.testing.assert_close(scores[1], expected, atol=1e-4, rtol=1e-4)
-    assert scores[0] == pytest.approx(
-        torch.log_softmax(model(torch.tensor([prompt]))[0, -1], -1)[5].item(), abs=1e-4
-    )
-    # Pairs with different prompts in one call score as they do one by one.
-    mixed = model.score([b, prompt], [[5], [6, 7]])
-    torch.testing.assert_close(mixed[1], scores[1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(mixed[0], model.score([b], [[5]])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_state_dict_keys_are_pinned():

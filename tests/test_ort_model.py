@@ -1,5 +1,6 @@
-"""The ONNX Runtime backend against the torch model it was exported from: the same logits, cache
-contents, embeddings, label scores and greedy text, and clear errors for a missing or broken file."""
+"""The ONNX Runtime backend against the torch model it was exported from, both driven by the inference
+engine: the same logits, cache contents, embeddings, label scores and greedy text, and clear errors
+for a missing or broken file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from odyssey import artifact
+from odyssey.engine import Engine, EngineConfig, GenerationParams
 from odyssey.errors import OdysseyError
 from odyssey.model import Transformer, tiny
 
@@ -25,32 +27,49 @@ def pair(tmp_path_factory):
     return model, onnx, path
 
 
-def test_forward_and_cached_decoding_agree(pair):
+def test_forward_and_the_engines_cache_agree(pair, tokenizer):
     model, onnx, _ = pair
     ids = torch.randint(0, 320, (3, 40))
     torch.testing.assert_close(onnx(ids), model(ids), atol=ATOL, rtol=0)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100]]  # left padding of different widths
-    logits_t, cache_t = model.prefill(prompts, 30)
-    logits_o, cache_o = onnx.prefill(prompts, 30)
-    for _ in range(12):
-        torch.testing.assert_close(logits_o, logits_t, atol=ATOL, rtol=0)
-        next_ids = logits_t.argmax(-1)
-        logits_t, logits_o = model.decode(next_ids, cache_t), onnx.decode(next_ids, cache_o)
-    assert cache_o.length == cache_t.length == 7 + 12
-    torch.testing.assert_close(
-        cache_o.k[:, :, :, : cache_o.length], cache_t.k[:, :, :, : cache_t.length], atol=ATOL, rtol=0
-    )
+    # Prompts of different lengths, prefilled 4 tokens a step beside rows already decoding, the last
+    # in the row the first leaves: forwards mix rows at different positions over rows used before.
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100], [7, 8, 9, 10, 11]]
+    greedy = GenerationParams(max_tokens=6, temperature=0.0)
+    engines = [
+        Engine(m, tokenizer, EngineConfig(max_num_seqs=3, max_num_batched_tokens=4)) for m in (model, onnx)
+    ]
+    for engine in engines:
+        for p in prompts:
+            engine.add(p, greedy)
+        while engine.has_work:
+            engine.step()
+    torch_pool, onnx_pool = (e.pool for e in engines)
+    torch.testing.assert_close(onnx_pool.k, torch_pool.k, atol=ATOL, rtol=0)
+    torch.testing.assert_close(onnx_pool.v, torch_pool.v, atol=ATOL, rtol=0)
 
 
-def test_generation_embeddings_and_scores_agree(pair):
+def through_the_engine(model, tokenizer, prompts, continuations):
+    """Greedy tokens, label scores and embeddings of `prompts`, all asked of one engine at once."""
+    engine = Engine(model, tokenizer)
+    seqs = [engine.add(p, GenerationParams(max_tokens=25, temperature=0.0)) for p in prompts]
+    scored = [engine.add_score(p, continuations) for p in prompts]
+    embedded = engine.add_embed(prompts)
+    results = {}
+    while engine.has_work:
+        results.update((e.request.id, e.result) for e in engine.step())
+    scores = torch.tensor([results[r.id] for r in scored])
+    return [s.stream.ids for s in seqs], scores, torch.from_numpy(results[embedded.id])
+
+
+def test_generation_embeddings_and_scores_agree(pair, tokenizer):
     model, onnx, _ = pair
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42, 43, 44]]
-    assert onnx.generate(prompts, 25, temperature=0.0) == model.generate(prompts, 25, temperature=0.0)
-    torch.testing.assert_close(onnx.embed(prompts), model.embed(prompts), atol=ATOL, rtol=0)
     continuations = [[1, 2], [3], [7, 8, 9]]
-    torch.testing.assert_close(
-        onnx.score(prompts, continuations), model.score(prompts, continuations), atol=1e-3, rtol=0
-    )
+    tokens_t, scores_t, embeddings_t = through_the_engine(model, tokenizer, prompts, continuations)
+    tokens_o, scores_o, embeddings_o = through_the_engine(onnx, tokenizer, prompts, continuations)
+    assert tokens_o == tokens_t
+    torch.testing.assert_close(scores_o, scores_t, atol=1e-3, rtol=0)
+    torch.testing.assert_close(embeddings_o, embeddings_t, atol=ATOL, rtol=0)
     assert onnx.num_params() == model.num_params()
 
 

@@ -1,6 +1,6 @@
-"""The serving pieces without Ray: batched generation, text streaming with stop strings, the passage
-index, moderation's label arithmetic, the code check, the gateway's error messages, and config
-validation."""
+"""The serving pieces without Ray: a request's room in the context, text streaming with stop strings,
+the passage index, moderation's label arithmetic, the code check, the gateway's error messages, and
+config validation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from odyssey.code_checks import completion_error, syntax_error
 from odyssey.data.schema import Document
-from odyssey.decoding import BatchDecoder, GenerationParams, TextStream
+from odyssey.engine import GenerationParams, TextStream, generate
 from odyssey.errors import OdysseyError
 from odyssey.model import Transformer, pad_vocab, tiny
 from odyssey.tasks import ANSWERS, label_probabilities
@@ -31,56 +31,23 @@ def model(tokenizer):
     return Transformer(replace(tiny(), vocab_size=pad_vocab(tokenizer.vocab_size), max_seq_len=128)).eval()
 
 
-def run(decoder: BatchDecoder) -> list[str]:
-    texts = [""] * decoder.size
-    while not decoder.done:
-        for i, chunk in enumerate(decoder.step()):
-            if chunk is not None:
-                texts[i] += chunk.text
-    return texts
-
-
 # --- generation ----------------------------------------------------------------------------------------
-
-
-def test_batch_matches_one_by_one_greedy(model, tokenizer):
-    prompts = [tokenizer.prompt("lm", t) for t in ("The license", "Copyright (C) 2020 the authors", "x")]
-    params = [GenerationParams(max_tokens=n, temperature=0.0) for n in (12, 5, 9)]
-    decoder = BatchDecoder(model, tokenizer, prompts, params)
-    batched = run(decoder)
-    for prompt, p, text, n in zip(prompts, params, batched, decoder.generated):
-        ids = model.generate([prompt], p.max_tokens, temperature=0.0, stop_ids=[tokenizer.eos_id])[0]
-        assert text == tokenizer.decode(ids) and n == len(ids)
-    assert decoder.finish == [
-        "length" if n == p.max_tokens else "stop" for n, p in zip(decoder.generated, params)
-    ]
-
-
-def test_rows_keep_their_own_sampling_settings(model, tokenizer):
-    prompt = tokenizer.prompt("lm", "The license")
-    seeded = GenerationParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
-    a = run(BatchDecoder(model, tokenizer, [prompt, prompt], [seeded, GenerationParams(10, temperature=0.0)]))
-    b = run(BatchDecoder(model, tokenizer, [prompt], [seeded]))
-    assert a[0] == b[0]  # the seed makes a row reproducible whatever it is batched with
-    greedy = tokenizer.decode(model.generate([prompt], 10, temperature=0.0, stop_ids=[tokenizer.eos_id])[0])
-    assert a[1] == greedy
+# (Batching, per-request settings and stop strings: tests/test_engine.py.)
 
 
 def test_a_short_prompt_keeps_its_room_beside_a_long_one(model, tokenizer):
-    """Each row may decode up to the context minus its own prompt, whatever it is batched with: a short
-    request beside a long one gets the same answer as alone (positions count per row)."""
+    """Each sequence may decode up to the context minus its own prompt, whatever runs beside it: a short
+    request beside a long one gets the same answer as alone, up to the end of the context."""
     short = tokenizer.prompt("lm", "The")
     long = (tokenizer.prompt("lm", "Copyright (C) 2020 the authors. " * 40))[:100]
     room = model.cfg.max_seq_len
     params = [GenerationParams(max_tokens=room - len(p), temperature=0.0) for p in (short, long)]
-    together = BatchDecoder(model, tokenizer, [short, long], params)
-    alone = BatchDecoder(model, tokenizer, [short], params[:1])
-    assert run(together)[0] == run(alone)[0] and together.generated[0] == alone.generated[0]
+    together = generate(model, tokenizer, [short, long], params)
+    alone = generate(model, tokenizer, [short], params[:1])
+    assert together[0] == alone[0]
 
 
-def test_batch_refuses_what_does_not_fit(model, tokenizer):
-    with pytest.raises(ValueError, match="max_seq_len"):
-        BatchDecoder(model, tokenizer, [[1] * 100], [GenerationParams(max_tokens=50)])
+def test_generation_params_refuse_what_makes_no_sense():
     with pytest.raises(ValueError, match="max_tokens"):
         GenerationParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
@@ -286,8 +253,8 @@ def test_json_content_types_and_what_else_the_body_can_be():
 
 def test_app_args_validate_with_the_field_named():
     AppArgs(model_path="/m")
-    with pytest.raises(ValidationError, match="max_batch_size"):
-        AppArgs(model_path="/m", max_batch_size=128)  # over the default max_ongoing_requests=64
+    with pytest.raises(ValidationError, match="max_num_seqs"):
+        AppArgs(model_path="/m", engine={"max_num_seqs": 128})  # over the default max_ongoing_requests=64
     with pytest.raises(ValidationError, match="max_batch_sise"):
         AppArgs(model_path="/m", max_batch_sise=4)
     with pytest.raises(ValidationError, match="num_gpus"):

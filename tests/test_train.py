@@ -23,6 +23,7 @@ import torch
 
 from odyssey import artifact, failpoints, retrieval
 from odyssey.config import load_config
+from odyssey.engine import GenerationParams, generate
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import Transformer
 from train import checkpoint, contrastive, events, launch
@@ -164,9 +165,11 @@ def test_export_consolidates_zero_into_the_core_model(zero_runs, tmp_path):
     for name, tensor in model0.state_dict().items():  # ZeRO-3's gathered shards = ZeRO-0's whole module
         torch.testing.assert_close(model3.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
     prompt = tok.prompt("summarize", "A library that parses JSON documents.")
-    # No stop token: the exported model must decode, whatever it has learnt to answer first.
-    out = model3.generate([prompt], max_new_tokens=12, temperature=0.0)[0]
-    assert 0 < len(out) <= 12 and isinstance(tok.decode(out), str)
+    # The exported model decodes through the engine, whatever it has learnt to answer first: an end of
+    # text at once is an answer too (then no tokens, and the reason is "stop").
+    (out,) = generate(model3, tok, [prompt], GenerationParams(max_tokens=12, temperature=0.0))
+    assert len(out.token_ids) == out.completion_tokens <= 12 and out.text == tok.decode(out.token_ids)
+    assert out.finish_reason == ("length" if out.completion_tokens == 12 else "stop")
 
 
 def test_bad_requests_fail_before_any_worker_starts(ray_cluster, blocks_dir, corpus_dir, tmp_path):

@@ -1,6 +1,7 @@
 """A model's raw answers to a shard of held-out examples, task by task, exactly as serving gives them:
-the same decoder (odyssey/decoding.py), the same answer rules and settings (odyssey/answers.py), the
-same embedding (odyssey/retrieval.py). No Ray here: runner.py sends each shard to a Ray task.
+the same engine (odyssey/engine.py: generation and label scoring), the same answer rules and settings
+(odyssey/answers.py), the same embedding (odyssey/retrieval.py). No Ray here: runner.py sends each
+shard to a Ray task.
 
 Every function takes rows of the corpus schema (task, input, target, doc_id, family) and returns one
 dict per row. A row whose prompt leaves the model no room to answer is marked `skipped` rather than
@@ -9,20 +10,17 @@ cut: the report counts it, so a context too short for the test set shows instead
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 
 from odyssey import answers, retrieval
 from odyssey.answers import AnswerSettings
 from odyssey.code_checks import checks_for, run_check
-from odyssey.decoding import BatchDecoder, GenerationParams
+from odyssey.engine import Engine, EngineConfig, GenerationParams, generate
 from odyssey.model import Transformer
 from odyssey.tasks import parse_labels
 from odyssey.tokenizer import Tokenizer
 
-ROWS_PER_FORWARD = 32  # rows per forward pass; bounds the memory of one call
 TOO_LONG = "the prompt leaves no room for an answer in the model's context"
 JUDGES = ("rules", "model", "served")  # moderation's three rows: each half alone, and what serving answers
 
@@ -30,26 +28,15 @@ JUDGES = ("rules", "model", "served")  # moderation's three rows: each half alon
 def complete(
     model: Transformer, tok: Tokenizer, task: str, texts: list[str], params: list[GenerationParams]
 ) -> list:
-    """The text each (input, params) pair decodes to, as serving decodes it: max_tokens capped to the
-    room its own prompt leaves (None for a prompt that leaves none), whatever it is batched with;
-    batched by prompt length so each batch pads little."""
-    room = model.cfg.max_seq_len
+    """The text each (input, params) pair decodes to, as serving decodes it: all submitted to one engine
+    and drained, max_tokens capped to the room its own prompt leaves (None for a prompt that leaves
+    none), whatever runs beside it."""
     prompts = [tok.prompt(task, t) for t in texts]
-    fitting = sorted((i for i in range(len(texts)) if len(prompts[i]) < room), key=lambda i: len(prompts[i]))
+    fitting = [i for i in range(len(texts)) if len(prompts[i]) < model.cfg.max_seq_len]
+    done = generate(model, tok, [prompts[i] for i in fitting], [params[i] for i in fitting])
     out: list[str | None] = [None] * len(texts)
-    for start in range(0, len(fitting), ROWS_PER_FORWARD):
-        part = fitting[start : start + ROWS_PER_FORWARD]
-        capped = [
-            replace(params[i], max_tokens=min(params[i].max_tokens, room - len(prompts[i]))) for i in part
-        ]
-        decoder = BatchDecoder(model, tok, [prompts[i] for i in part], capped)
-        texts_of = [[] for _ in part]
-        while not decoder.done:
-            for j, chunk in enumerate(decoder.step()):
-                if chunk is not None:
-                    texts_of[j].append(chunk.text)
-        for j, i in enumerate(part):
-            out[i] = "".join(texts_of[j])
+    for i, completion in zip(fitting, done):
+        out[i] = completion.text
     return out
 
 
@@ -68,16 +55,24 @@ def moderate(model, tok, rows, settings: AnswerSettings) -> list[dict]:
     """Each judge's labels: the rules alone, the model alone, and both as /v1/moderate decides."""
     options = [[*tok.encode(o), tok.eos_id] for o in answers.MODERATION_OPTIONS]
     longest_option = max(map(len, options))
-    out = []
-    for r in rows:
+    # Scoring only: one cache row is enough, since nothing generates.
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=1, max_waiting=len(rows) + 1))
+    requests = {}  # row index -> its scoring request
+    for n, r in enumerate(rows):
         prompt = tok.prompt("moderate", r["input"])
+        if len(prompt) + longest_option <= model.cfg.max_seq_len:
+            requests[n] = engine.add_score(prompt, options)
+    logprobs = {}  # request id -> the options' log-probabilities
+    while engine.has_work:
+        logprobs.update((e.request.id, e.result) for e in engine.step())
+    out = []
+    for n, r in enumerate(rows):
         row = {"actual": sorted(parse_labels(r["target"])), "family": r.get("family") or ""}
-        if len(prompt) + longest_option > model.cfg.max_seq_len:
+        if n not in requests:
             out.append({"skipped": TOO_LONG, **row})
             continue
-        logprobs = model.score([prompt] * len(options), options, tok.pad_id).tolist()
         for judge in JUDGES:
-            verdict = answers.moderation(r["input"], logprobs, settings, judge)
+            verdict = answers.moderation(r["input"], logprobs[requests[n].id], settings, judge)
             row[judge] = sorted(verdict.labels)
         out.append(row)
     return out

@@ -5,8 +5,8 @@ overload and a lost replica are reachable in seconds. Every test in this folder 
 
 Failpoints are armed in the replicas' environment (odyssey/failpoints.py): scoring the text
 "drill: fail" raises inside the model replica, "drill: stall" stalls it for 7 s (the gateway's
-timeout here is 5 s), and a batch that generates from the prompt "drill: slow" takes 20 ms a step
-(a long generation that leaves the CPUs to the rest). No other text touches them.
+timeout here is 5 s), and an engine step while a sequence generates from the prompt "drill: slow"
+takes 20 ms more (a long generation that leaves the CPUs to the rest). No other text touches them.
 
 The model's replica count sits in the Serve config's `deployments:` options (what an operator edits
 to scale without a new version of the app), here 2."""
@@ -32,7 +32,7 @@ from serve import launch
 KEYS = ("rk-0123456789abcdef", "rk-fedcba9876543210")
 TIMEOUT_S = 5  # the gateway's per-call timeout in this app
 QUEUE = 8  # max_queued_requests of LanguageModel, per caller
-ONGOING = 8  # max_ongoing_requests per LanguageModel replica (= max_batch_size)
+ONGOING = 8  # max_ongoing_requests per LanguageModel replica (= its engine's max_num_seqs)
 FAILPOINTS = {
     "serve.score": [
         {"action": "error", "text": "drill: fail"},
@@ -123,8 +123,7 @@ def settings(*overrides: str) -> list[str]:
     return [
         f"gateway.request_timeout_s={TIMEOUT_S}",
         "gateway.max_tokens=1024",
-        "max_batch_size=8",
-        "batch_wait_timeout_s=0.05",  # requests sent together share a batch
+        f"engine.max_num_seqs={ONGOING}",
         "max_documents=20",
         "model.num_cpus=0.5",
         "model.min_replicas=2",

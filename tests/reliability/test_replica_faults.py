@@ -10,6 +10,8 @@ import signal
 import threading
 import time
 
+# The engine's settings with a smaller step budget than shipped: applied to running replicas.
+ENGINE = {"max_num_seqs": 8, "max_num_batched_tokens": 1024, "max_waiting": 64}
 CLIENTS = 3  # half load: 3 clients one request at a time, against 2 replicas x 8 in flight
 
 
@@ -86,10 +88,9 @@ def read(r, record: dict, started: threading.Event) -> None:
 
 
 def test_scaling_down_while_long_generations_stream_cuts_none(app):
-    # A batch runs to its end before the next starts: a longer batch wait (applied to the running
-    # replicas) lets the streams sent together share one batch per replica, so all of them run at once.
+    # An engine setting changed on the running replicas (a new engine, the same model) restarts none.
     pids = app.all_replica_pids()
-    app.scale_model(2, batch_wait_timeout_s=0.5)
+    app.scale_model(2, engine=ENGINE)
     time.sleep(1)
     app.wait_running(replicas=2)
     assert app.all_replica_pids() == pids, "a settings change restarted replicas"
@@ -100,9 +101,9 @@ def test_scaling_down_while_long_generations_stream_cuts_none(app):
         threads.append(threading.Thread(target=stream, args=(app, i, out, started[i], max_tokens, go)))
     for t in threads:
         t.start()
-    for i, event in enumerate(started):  # 60 s: a stream that missed its replica's batch waits for it
+    for i, event in enumerate(started):  # every stream joins its replica's running batch at once
         assert event.wait(60), (i, {k: (v["status"], v["chunks"], v["errors"]) for k, v in out.items()})
-    app.scale_model(1, batch_wait_timeout_s=0.5)
+    app.scale_model(1, engine=ENGINE)
     saw_stopping_while_streaming = False
     deadline = time.monotonic() + 120
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
