@@ -22,7 +22,7 @@ batch: the old batch-at-a-time behaviour, kept so benchmarks compare both on one
 Memory is bounded up front: the cache holds `max_num_seqs` rows of `max_seq_len` positions, allocated
 once. What does not fit waits in the queue; a full queue (`max_waiting`) refuses with `QueueFull`.
 Identical prompts share one prefill (copied into each row: `n` samples, code attempts), and a scoring
-request runs its prompt once for all its options.
+request is one row: its prompt once, then its options as a token tree (beginnings they share, once).
 """
 
 from __future__ import annotations
@@ -301,6 +301,18 @@ class CacheView:
         return self.read(self.pool.k[layer]), self.read(self.pool.v[layer])
 
 
+def tree_mask(parent: torch.Tensor) -> torch.Tensor:
+    """parent (B, T): the index each token follows (itself: a root; padding is its own root) -> the
+    attention mask (B, 1, T, T) in which a token sees itself and its ancestors. Parents come first."""
+    B, T = parent.shape
+    batch = torch.arange(B, device=parent.device)
+    mask = torch.zeros(B, T, T, dtype=torch.bool, device=parent.device)
+    for i in range(T):
+        mask[:, i] = mask[batch, parent[:, i]]
+        mask[:, i, i] = True
+    return mask.unsqueeze(1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The engine
 
@@ -394,7 +406,7 @@ class Engine:
 
     # --- one iteration -----------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[Event]:
         self.steps += 1
         events: list[Event] = []
@@ -566,36 +578,63 @@ class Engine:
         return self.model.logits(h[torch.arange(len(tokens), device=device), last])
 
     def _score(self, requests: list[ScoreRequest]) -> list[list[float]]:
-        """Each request's prompt runs once (with prefix sharing; else once per option), then all options
-        of all requests in one forward over copies of their prompt's cache rows."""
+        """Every request's options' log-probabilities in one forward. With prefix sharing a request is one
+        row: its prompt, then its options as a token tree (options that begin alike share those tokens),
+        each token seeing the prompt and its own ancestors only, at its depth's position: the prompt and
+        every shared option prefix run once, and no cache is copied. Without, each option is a row of its
+        own: prompt + option."""
         if self.config.prefix_sharing:
-            owner = [i for i, r in enumerate(requests) for _ in r.continuations]
-            prompts = [r.prompt for r in requests]
+            rows = [(r.prompt, r.continuations) for r in requests]
         else:
-            owner = list(range(sum(len(r.continuations) for r in requests)))
-            prompts = [r.prompt for r in requests for _ in r.continuations]
-        conts = [c for r in requests for c in r.continuations]
-        span = max(len(p) for p in prompts) + max(map(len, conts))
-        scratch = KVPool.allocate(self.model, len(prompts), span)
-        first = self._forward(scratch, list(range(len(prompts))), prompts, [0] * len(prompts))
-        logprobs = [float(F.log_softmax(first[o].float(), -1)[c[0]]) for o, c in zip(owner, conts)]
-        if max(map(len, conts)) > 1:
-            index = torch.tensor(owner, device=scratch.k.device)
-            rows = KVPool(
-                scratch.k[:, index], scratch.v[:, index]
-            )  # each option a copy of its prompt's cache
-            plen = [len(prompts[o]) for o in owner]
-            rest = self._forward(rows, list(range(len(conts))), [c[:-1] for c in conts], plen, every=True)
-            lp = F.log_softmax(rest.float(), -1)  # (N, T, V): position t predicts c[t + 1]
-            for i, c in enumerate(conts):
-                if len(c) > 1:
-                    target = torch.tensor(c[1:], device=lp.device)
-                    logprobs[i] += float(lp[i, : len(c) - 1].gather(-1, target[:, None]).sum())
-        out, start = [], 0
-        for r in requests:
-            out.append(logprobs[start : start + len(r.continuations)])
-            start += len(r.continuations)
-        return out
+            rows = [(r.prompt, [c]) for r in requests for c in r.continuations]
+        flat = iter(self._score_rows(rows))
+        return [[next(flat) for _ in r.continuations] for r in requests]
+
+    def _score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[float]:
+        """(prompt, options) rows -> each option's summed log-probability, in order."""
+        ids, parents, positions = [], [], []  # per row; a token's parent: the index it follows
+        predictors: list[
+            list[tuple[int, int]]
+        ] = []  # per option: (row, index) whose state predicts each token
+        for b, (prompt, options) in enumerate(rows):
+            P = len(prompt)
+            ids.append(list(prompt))
+            parents.append([max(i - 1, 0) for i in range(P)])
+            positions.append(list(range(P)))
+            node: dict[tuple[int, int], int] = {}  # (parent index, token) -> index: the options' tree
+            for c in options:
+                at, chain = P - 1, [(b, P - 1)]  # c[0] follows the prompt; c[t] the node of c[t - 1]
+                for t, token in enumerate(c[:-1]):
+                    if (at, token) not in node:
+                        node[at, token] = len(ids[b])
+                        ids[b].append(token)
+                        parents[b].append(at)
+                        positions[b].append(P + t)
+                    at = node[at, token]
+                    chain.append((b, at))
+                predictors.append(chain)
+        T = max(map(len, ids))
+        device = self.pool.k.device
+
+        def padded(rows: list[list[int]], fill) -> torch.Tensor:
+            return torch.tensor([r + [fill] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+
+        parent = torch.tensor([p + list(range(len(p), T)) for p in parents], dtype=torch.long, device=device)
+        cos, sin = self.model.rope_at(padded(positions, 0))
+        h = self.model.hidden_states(padded(ids, self.tokenizer.pad_id), cos, sin, tree_mask(parent))
+        where = list(dict.fromkeys(p for chain in predictors for p in chain))  # each state once
+        b, t = torch.tensor(where, device=device).unbind(-1)
+        logprobs = F.log_softmax(self.model.logits(h[b, t]).float(), -1)  # (N, V)
+        k = {p: n for n, p in enumerate(where)}
+        options = [c for _, opts in rows for c in opts]
+        at = torch.tensor([k[p] for chain in predictors for p in chain], device=device)
+        tokens = torch.tensor([tok for c in options for tok in c], device=device)
+        per_token = logprobs[at, tokens].tolist()
+        sums, start = [], 0
+        for c in options:
+            sums.append(sum(per_token[start : start + len(c)]))
+            start += len(c)
+        return sums
 
     def _embed(self, requests: list[EmbedRequest]) -> list[np.ndarray]:
         rows = [row for r in requests for row in r.rows]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from odyssey.answers import MODERATION_OPTIONS
 from odyssey.engine import AsyncEngine, Engine, EngineConfig, GenerationParams, QueueFull, generate
 from odyssey.errors import ConfigError
 from odyssey.model import Transformer, pad_vocab, tiny
@@ -209,8 +210,15 @@ def reference_score(model, prompt, continuation) -> float:
     return float(logprobs[len(prompt) - 1 :].gather(-1, targets[len(prompt) - 1 :, None]).sum())
 
 
-def test_prefix_shared_scoring_equals_separate_scoring(model, tokenizer, prompts):
-    options = [[*tokenizer.encode(o), tokenizer.eos_id] for o in ("safe", "unsafe: spam", "x")]
+def test_prefix_shared_scoring_equals_separate_scoring(tokenizer, prompts):
+    # Weights large enough for sharp attention: a token at a wrong position or seeing a wrong key shows.
+    torch.manual_seed(0)
+    cfg = replace(tiny(), vocab_size=pad_vocab(tokenizer.vocab_size), max_seq_len=128, init_std=0.3)
+    model = Transformer(cfg).eval()
+    # The moderation answers begin alike ("profanity", "profanity, spam", ...): with sharing they run as
+    # one token tree after the prompt. One answer comes twice.
+    labels = (*MODERATION_OPTIONS, "profanity", "x")
+    options = [[*tokenizer.encode(o), tokenizer.eos_id] for o in labels]
     requests = [(prompts[0], options), (prompts[1], options[:2]), (prompts[3], [[7]])]
     for sharing in (True, False):
         engine = Engine(model, tokenizer, EngineConfig(prefix_sharing=sharing))

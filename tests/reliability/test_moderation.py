@@ -80,7 +80,7 @@ class Scores:
         self.logprobs, self.error = logprobs, error
         self.score = self
 
-    def remote(self, task, text, options):
+    def remote(self, task, text, options, key_id=None):
         async def answer():
             if self.error:
                 raise self.error
