@@ -56,12 +56,20 @@ def train_overhead(f: dict) -> list[tuple]:
 
 
 def serve_load(f: dict) -> list[tuple]:
-    kv, lat = f["kv_cache"], f["latency_ms"]
-    at = f["batching_speedup_at"]
-    batched = next(r for r in f["sweep"]["completions"]["batched"] if r["concurrency"] == at)
-    unbatched = next(r for r in f["sweep"]["completions"]["unbatched"] if r["concurrency"] == at)
+    kv, lat, r = f["kv_cache"], f["latency_ms"], f["ratios"]
+    at = f["workload"]["ratio_at"]
+
+    def row(kind: str, mode: str) -> dict:
+        return next(x for x in f["sweep"][kind][mode] if x["concurrency"] == at)
+
+    cont, stat = row("completions", "continuous"), row("completions", "static")
+    mod, unb = row("moderate", "batched"), row("moderate", "unbatched")
+    b32, b1 = f["batching"]["max_num_seqs_32"], f["batching"]["max_num_seqs_1"]
     return [
-        (f"serving: batched vs unbatched completions at {at} clients (req/s)", f"{batched['req_per_s']}", f"{unbatched['req_per_s']}", f["batching_speedup"]["completions"]),
+        (f"serving: continuous vs static batching, output tokens/s at {at} clients", f"{cont['output_tokens_per_s']}", f"{stat['output_tokens_per_s']}", r["output_tokens_per_s"]),
+        (f"serving: time to first token p99, static vs continuous at {at} clients (ms)", f"{stat['ttft_p99_ms']}", f"{cont['ttft_p99_ms']}", stat["ttft_p99_ms"] / cont["ttft_p99_ms"]),
+        (f"serving: /v1/moderate batched + prefix sharing vs unbatched at {at} clients (req/s)", f"{mod['req_per_s']}", f"{unb['req_per_s']}", r["moderate_batched_vs_unbatched"]),
+        (f"serving: /v1/completions (16 tokens) max_num_seqs 32 vs 1 at {at} clients (req/s)", f"{b32['req_per_s']}", f"{b1['req_per_s']}", r["completions_batching"]),
         ("decoding with the KV cache vs recomputing (tokens/s, 128 tokens)", f"{kv['kv_tokens_per_s']}", f"{kv['recompute_tokens_per_s']}", kv["speedup"]),
         ("latency Serve adds to a 1-token completion vs a no-op Serve app's whole latency (p50 ms)", f"{lat['added_p50']}", f"{lat['noop_app_p50']}", lat["noop_app_p50"] / lat["added_p50"]),
     ]  # fmt: skip
