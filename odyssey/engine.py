@@ -280,11 +280,14 @@ class CacheView:
         self.slice = slice(r0, r0 + len(rows)) if rows == list(range(r0, r0 + len(rows))) else None
         t = torch.arange(T, device=device)
         self.positions = self.starts[:, None] + t[None, :]  # (B, T)
-        real = t[None, :] < self.lengths[:, None]  # (B, T)
         keys = torch.arange(self.span, device=device)
         self.mask = (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
-        self._src = real.nonzero(as_tuple=True)  # (b, t) of every real token
-        self._dst = (self.rows[self._src[0]], self.positions[self._src])
+        if all(n == T for n in lengths):  # no padding (every decode step): every (b, t) is real
+            self._src = (slice(None), slice(None))
+            self._dst = (self.rows[:, None], self.positions)
+        else:
+            self._src = (t[None, :] < self.lengths[:, None]).nonzero(as_tuple=True)  # (b, t) of real tokens
+            self._dst = (self.rows[self._src[0]], self.positions[self._src])
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """This call's k, v (B, K, T, E) into the pool, real tokens only."""
@@ -566,9 +569,8 @@ class Engine:
         lengths = [len(t) for t in tokens]
         T = max(max(lengths), 1)
         device = pool.k.device
-        ids = torch.full((len(tokens), T), self.tokenizer.pad_id, dtype=torch.long, device=device)
-        for b, t in enumerate(tokens):
-            ids[b, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        pad = self.tokenizer.pad_id
+        ids = torch.tensor([t + [pad] * (T - len(t)) for t in tokens], dtype=torch.long, device=device)
         view = CacheView(pool, rows, starts, lengths, T)
         cos, sin = self.model.rope_at(view.positions.clamp(max=self.max_len - 1))
         h = self.model.hidden_states(ids, cos, sin, view.mask, view)  # (B, T, D)

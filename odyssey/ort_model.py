@@ -210,8 +210,8 @@ def _past(cache, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     call's keys up to its own, so no mask row is empty (padding queries included: their output is
     never read)."""
     P = int(cache.starts.max())
-    past_k = cache.pool.k[:, cache.rows, :, :P]
-    past_v = cache.pool.v[:, cache.rows, :, :P]
+    rows = cache.slice if cache.slice is not None else cache.rows  # a view when the rows are contiguous
+    past_k, past_v = cache.pool.k[:, rows, :, :P], cache.pool.v[:, rows, :, :P]
     B = len(cache.rows)
     own = torch.arange(P)[None, :] < cache.starts[:, None]  # (B, P)
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
