@@ -595,9 +595,8 @@ class Engine:
     def _score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[float]:
         """(prompt, options) rows -> each option's summed log-probability, in order."""
         ids, parents, positions = [], [], []  # per row; a token's parent: the index it follows
-        predictors: list[
-            list[tuple[int, int]]
-        ] = []  # per option: (row, index) whose state predicts each token
+        # Per option: the (row, index) whose state predicts each of its tokens.
+        predictors: list[list[tuple[int, int]]] = []
         for b, (prompt, options) in enumerate(rows):
             P = len(prompt)
             ids.append(list(prompt))
