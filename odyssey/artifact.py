@@ -6,18 +6,20 @@
     model.onnx          optional (`odyssey export --format onnx`): the blocks for ONNX Runtime
                         (odyssey/ort_model.py), traced from these same weights
 
-The directory is written complete or not at all.
+The directory is written complete or not at all. `load` (and `read_config`, `model_id`) also take a
+Hugging Face Llama directory (odyssey/hf.py: `odyssey export --format hf` writes one), on the torch backend.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from odyssey import __version__, atomic
+from odyssey import __version__, atomic, hf
 from odyssey.config import from_dict, to_dict
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import ModelConfig, Transformer
@@ -61,7 +63,10 @@ def save_model(
 
 
 def read_config(path: str | Path) -> dict:
+    """config.json of a model directory: ours, or a Hugging Face Llama's (checked by odyssey/hf.py)."""
     path = Path(path)
+    if hf.is_hf_dir(path):
+        return hf.read_config(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise OdysseyError(
             f"{path} is not an exported model (needs {CONFIG} and {WEIGHTS}); export one with `odyssey export`"
@@ -74,8 +79,13 @@ def read_config(path: str | Path) -> dict:
 
 def weights_digest(path: str | Path) -> str:
     """The first 12 hex digits of the weights' SHA-256: with the model's name, its id in serving and
-    in evaluation reports (passage vectors and scores belong to exactly these weights)."""
-    return atomic.sha256_file(Path(path) / WEIGHTS)[:12]
+    in evaluation reports (passage vectors and scores belong to exactly these weights). A sharded
+    Hugging Face checkpoint: the SHA-256 of its shards' digests, in order."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return atomic.sha256_file(path / WEIGHTS)[:12]
+    digests = "".join(atomic.sha256_file(f) for f in hf.weight_files(path))
+    return hashlib.sha256(digests.encode()).hexdigest()[:12]
 
 
 def model_id(path: str | Path, config: dict | None = None) -> str:
@@ -114,10 +124,19 @@ def load(
 ) -> tuple[Transformer, Tokenizer | None, dict]:
     """The one way to get the model of an exported directory: (model in eval mode, its tokenizer if
     saved, the config.json contents). `backend`: "torch" (the weights on `device` in `dtype`) or
-    "onnxruntime" (model.onnx in an ONNX Runtime session of `threads` threads; the same interface)."""
+    "onnxruntime" (model.onnx in an ONNX Runtime session of `threads` threads; the same interface).
+    A Hugging Face Llama directory loads through odyssey/hf.py, on the torch backend."""
     path = Path(path)
     if backend not in BACKENDS:
         raise OdysseyError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if hf.is_hf_dir(path):
+        if backend != "torch":
+            raise OdysseyError(
+                f"{path} is a Hugging Face checkpoint, which runs on backend torch; for {backend}, convert it "
+                f"with `odyssey export {path} --out DIR --format onnx` and load DIR"
+            )
+        model, tokenizer, config = hf.load_pretrained(path)
+        return model.to(device=device, dtype=dtype), tokenizer, config
     cfg, config = read_model_config(path)
     if backend == "onnxruntime":
         if not (path / ONNX).is_file():

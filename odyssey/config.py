@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -115,7 +116,7 @@ def from_dict(cls: type[T], data: Any, path: str = "", base: Mapping[str, Any] |
         raise ConfigError(f"{path or cls.__name__}: expected a mapping of fields, got {_show(data)}")
     data = dict(data)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {_key(f.name): f for f in dataclasses.fields(cls) if f.init}  # as YAML spells them
 
     base = dict(base or {})
     preset = data.pop("preset", None)
@@ -139,22 +140,23 @@ def from_dict(cls: type[T], data: Any, path: str = "", base: Mapping[str, Any] |
         )
 
     kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name not in data:
-            if name in base:
-                kwargs[name] = _coerce(base[name], hints[name], _join(path, name))
+    for key, f in fields.items():
+        name = f.name
+        if key not in data:
+            if key in base:
+                kwargs[name] = _coerce(base[key], hints[name], _join(path, key))
             continue
-        value, tp = data[name], hints[name]
-        under = base.get(name, _default(f))
+        value, tp = data[key], hints[name]
+        under = base.get(key, _default(f))
         if dataclasses.is_dataclass(tp) and isinstance(value, (Mapping, str)):
             # A section given in part keeps the rest of its preset or default.
             kwargs[name] = from_dict(
-                tp, value, _join(path, name), to_dict(under) if dataclasses.is_dataclass(under) else under
+                tp, value, _join(path, key), to_dict(under) if dataclasses.is_dataclass(under) else under
             )
             continue
         if isinstance(under, dict) and isinstance(value, Mapping):
             value = {**under, **value}
-        kwargs[name] = _coerce(value, tp, _join(path, name))
+        kwargs[name] = _coerce(value, tp, _join(path, key))
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -173,7 +175,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A dataclass config as plain data (what YAML, JSON and Ray's param spaces hold): tuples become lists."""
-    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {_key(k): _plain(v) for k, v in items})
 
 
 def _plain(value: Any) -> Any:
@@ -260,6 +262,13 @@ def _parse_number(text: str, kind: type) -> Any:
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def _key(field_name: str) -> str:
+    """A field's name as configs spell it: a Python keyword is a field with a trailing underscore
+    (`from_`), written without it (`init: {from: PATH}`)."""
+    bare = field_name.removesuffix("_")
+    return bare if bare != field_name and keyword.iskeyword(bare) else field_name
 
 
 def _join(path: str, name: str) -> str:

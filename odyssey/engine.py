@@ -32,7 +32,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,10 +81,11 @@ class GenerationParams:
     top_k: int | None = None
     stop: tuple[str, ...] = ()  # text that ends the completion; it is not returned
     seed: int | None = None  # same seed, same prompt, same settings -> same text, whatever runs beside it
+    logprobs: int | None = None  # report each token's log-probability and this many most likely tokens
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -93,6 +94,21 @@ class GenerationParams:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class TokenLogprob:
+    """A token, its log-probability under the model (the raw distribution, before temperature, top-k and
+    top-p) and the most likely tokens at its place, most likely first: (token id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -104,7 +120,8 @@ class Chunk:
         str | None
     )  # None while generating; "stop" (end of text or a stop string), "length", "cancelled"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # generated so far, the end-of-text token included
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # this step's token, when asked for
 
 
 @dataclass
@@ -222,6 +239,7 @@ class Sequence(Request):
 class ScoreRequest(Request):
     prompt: list[int]
     continuations: list[list[int]]
+    top: int | None = None  # each token's TokenLogprob with this many alternatives, instead of sums
 
     @property
     def tokens(self) -> int:
@@ -337,6 +355,8 @@ class Engine:
 
     def add(self, prompt: list[int], params: GenerationParams) -> Sequence:
         """Queue a generation. max_tokens is capped to the room the prompt leaves in the context."""
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1 to generate (add_score rates a prompt's own tokens)")
         self._check_prompt(prompt, 1)
         params = _capped(params, self.max_len - len(prompt))
         generator = None
@@ -346,12 +366,18 @@ class Engine:
         self._queue(self.waiting, seq)
         return seq
 
-    def add_score(self, prompt: list[int], continuations: list[list[int]]) -> ScoreRequest:
-        """Queue the summed log-probability of each continuation after the prompt."""
+    def add_score(
+        self, prompt: list[int], continuations: list[list[int]], top: int | None = None
+    ) -> ScoreRequest:
+        """Queue the summed log-probability of each continuation after the prompt; with `top`, each
+        continuation's tokens one by one instead (TokenLogprob, with `top` alternatives)."""
         if not continuations or any(len(c) == 0 for c in continuations):
             raise ValueError("at least one continuation, each of at least one token")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
         self._check_prompt(prompt, max(map(len, continuations)))
-        return self._queue(self.aux, ScoreRequest(list(prompt), [list(c) for c in continuations]))
+        request = ScoreRequest(list(prompt), [list(c) for c in continuations], top)
+        return self._queue(self.aux, request)
 
     def add_embed(self, rows: list[list[int]]) -> EmbedRequest:
         """Queue unit vectors of token rows (odyssey/retrieval.py builds them)."""
@@ -526,12 +552,14 @@ class Engine:
             picked = sample(logits[idx], temperature, top_k, top_p, generator).tolist()
             for i, t in zip(idx, picked):
                 tokens[i] = t
+        asked = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        reports = dict(zip(asked, token_logprobs(logits[asked], tokens, asked, seqs))) if asked else {}
         now = time.perf_counter()
-        for s, token in zip(seqs, tokens):
+        for i, (s, token) in enumerate(zip(seqs, tokens)):
             s.first_token = s.first_token or now
-            events.append(self._emit(s, token))
+            events.append(self._emit(s, token, reports.get(i)))
 
-    def _emit(self, s: Sequence, token: int) -> Event:
+    def _emit(self, s: Sequence, token: int, logprob: TokenLogprob | None = None) -> Event:
         finish, text = None, ""
         if token == self.tokenizer.eos_id:
             finish, text = "stop", s.stream.flush()
@@ -543,7 +571,8 @@ class Engine:
             elif s.generated >= s.params.max_tokens:
                 finish, text = "length", text + s.stream.flush()
         s.pending = token if finish is None else None
-        chunk = Chunk(text, finish, len(s.prompt), s.generated)
+        ended = token == self.tokenizer.eos_id  # counted as generated, as OpenAI counts it
+        chunk = Chunk(text, finish, len(s.prompt), s.generated + ended, [logprob] if logprob else [])
         if finish is None:
             return Event(s, chunk)
         self._free(s)
@@ -579,7 +608,7 @@ class Engine:
         last = torch.tensor([max(n - 1, 0) for n in lengths], device=device)
         return self.model.logits(h[torch.arange(len(tokens), device=device), last])
 
-    def _score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+    def _score(self, requests: list[ScoreRequest]) -> list[list]:
         """Every request's options' log-probabilities in one forward. With prefix sharing a request is one
         row: its prompt, then its options as a token tree (options that begin alike share those tokens),
         each token seeing the prompt and its own ancestors only, at its depth's position: the prompt and
@@ -589,11 +618,18 @@ class Engine:
             rows = [(r.prompt, r.continuations) for r in requests]
         else:
             rows = [(r.prompt, [c]) for r in requests for c in r.continuations]
-        flat = iter(self._score_rows(rows))
-        return [[next(flat) for _ in r.continuations] for r in requests]
+        top = max((r.top for r in requests if r.top is not None), default=None)
+        flat = iter(self._score_rows(rows, top))
+        return [
+            [sum(t.logprob for t in option) if r.top is None else _trim(option, r.top) for option in options]
+            for r, options in zip(requests, ([next(flat) for _ in r.continuations] for r in requests))
+        ]
 
-    def _score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[float]:
-        """(prompt, options) rows -> each option's summed log-probability, in order."""
+    def _score_rows(
+        self, rows: list[tuple[list[int], list[list[int]]]], top: int | None
+    ) -> list[list[TokenLogprob]]:
+        """(prompt, options) rows -> each option's tokens with their log-probabilities (and `top`
+        alternatives), in order."""
         ids, parents, positions = [], [], []  # per row; a token's parent: the index it follows
         # Per option: the (row, index) whose state predicts each of its tokens.
         predictors: list[list[tuple[int, int]]] = []
@@ -629,13 +665,18 @@ class Engine:
         k = {p: n for n, p in enumerate(where)}
         options = [c for _, opts in rows for c in opts]
         at = torch.tensor([k[p] for chain in predictors for p in chain], device=device)
-        tokens = torch.tensor([tok for c in options for tok in c], device=device)
-        per_token = logprobs[at, tokens].tolist()
-        sums, start = [], 0
+        flat = [tok for c in options for tok in c]
+        per_token = logprobs[at, torch.tensor(flat, device=device)].tolist()
+        alternatives = [[]] * len(flat)
+        if top:
+            top_lp, top_id = logprobs.topk(top, -1)
+            alternatives = [list(zip(i, lp)) for i, lp in zip(top_id[at].tolist(), top_lp[at].tolist())]
+        scored = [TokenLogprob(*x) for x in zip(flat, per_token, alternatives)]
+        out, start = [], 0
         for c in options:
-            sums.append(sum(per_token[start : start + len(c)]))
+            out.append(scored[start : start + len(c)])
             start += len(c)
-        return sums
+        return out
 
     def _embed(self, requests: list[EmbedRequest]) -> list[np.ndarray]:
         rows = [row for r in requests for row in r.rows]
@@ -652,6 +693,26 @@ class Engine:
             result.append(np.stack(vectors[start : start + len(r.rows)]))
             start += len(r.rows)
         return result
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], rows: list[int], seqs) -> list[TokenLogprob]:
+    """logits (N, V) of the sequences at `rows` -> each one's picked token with its log-probability
+    and its params.logprobs most likely alternatives."""
+    logprobs = F.log_softmax(logits.float(), -1)
+    picked = torch.tensor([tokens[i] for i in rows], device=logits.device)
+    chosen = logprobs.gather(-1, picked[:, None]).squeeze(-1).tolist()
+    k = max(seqs[i].params.logprobs for i in rows)
+    top_lp, top_id = logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    return [
+        TokenLogprob(
+            tokens[i], chosen[n], list(zip(top_id[n].tolist(), top_lp[n].tolist()))[: seqs[i].params.logprobs]
+        )
+        for n, i in enumerate(rows)
+    ]
+
+
+def _trim(tokens: list[TokenLogprob], top: int) -> list[TokenLogprob]:
+    return [TokenLogprob(t.token, t.logprob, t.top[:top]) for t in tokens]
 
 
 def _capped(params: GenerationParams, room: int) -> GenerationParams:
@@ -722,7 +783,7 @@ class AsyncEngine:
 
         seq = async_engine.engine.add(prompt, params)      # QueueFull at once when the queue is full
         async for event in async_engine.stream(seq): ...   # its events as they come
-        completion = await async_engine.complete(seq)      # or only the end: text, finish, counts
+        text, last, logprobs = await async_engine.complete(seq)  # or only the end
         vectors = await async_engine.result(async_engine.engine.add_embed(rows))
 
     `on_event` sees every request's last event (timings, for metrics), a cancelled one's too; `before_step`
@@ -778,9 +839,9 @@ class AsyncEngine:
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait(event)
         elif waiter is not None:  # a whole answer: gather the text here, wake its caller once
-            parts, future = waiter
+            chunks, future = waiter
             if event.chunk is not None:
-                parts.append(event.chunk.text)
+                chunks.append(event.chunk)
             if event.finished and not future.done():
                 future.set_result(event)
 
@@ -812,10 +873,16 @@ class AsyncEngine:
         elif request in self.engine.aux:
             self.engine.cancel(request)
 
-    async def stream(self, seq: Sequence) -> AsyncIterator[Event]:
+    # Each of these watches its request from the call on, before the caller's first await: a step that
+    # runs before the caller reads (another task's turn) cannot take events nobody receives.
+
+    def stream(self, seq: Sequence) -> AsyncIterator[Event]:
         """A generation's events as they come. Leaving early (the caller went away) cancels it."""
         queue: asyncio.Queue = asyncio.Queue()
         self._watch(seq, queue)
+        return self._read(seq, queue)
+
+    async def _read(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[Event]:
         try:
             while True:
                 event = await queue.get()
@@ -827,16 +894,26 @@ class AsyncEngine:
         finally:
             self._cancelled(seq)
 
-    async def complete(self, seq: Sequence) -> tuple[str, Chunk]:
-        """A generation's whole text and its last chunk (finish reason, token counts)."""
-        parts: list[str] = []
+    def complete(self, seq: Sequence) -> Awaitable[tuple[str, Chunk, list[TokenLogprob]]]:
+        """A generation's whole text, its last chunk (finish reason, token counts) and its tokens'
+        log-probabilities (when its params ask for them)."""
+        chunks: list[Chunk] = []
         future = asyncio.get_running_loop().create_future()
-        self._watch(seq, (parts, future))
-        try:
-            event = await future
-        finally:
-            self._cancelled(seq)
-        return "".join(parts), event.chunk
+        self._watch(seq, (chunks, future))
+
+        async def ended():
+            try:
+                event = await future
+            finally:
+                self._cancelled(seq)
+            return "".join(c.text for c in chunks), event.chunk, [lp for c in chunks for lp in c.logprobs]
+
+        return ended()
+
+    def cancel(self, request: Request) -> None:
+        """Stop watching a request and cancel it if it still runs: for a caller that may never have
+        read what it asked for (a no-op once it was read to its end)."""
+        self._cancelled(request)
 
     async def result(self, request: ScoreRequest | EmbedRequest):
         future = asyncio.get_running_loop().create_future()

@@ -42,6 +42,9 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # The output projection: the input embedding itself (tied, GPT-2's choice), or a matrix of its own
+    # (lm_head), as checkpoints imported from Hugging Face (odyssey/hf.py) may have.
+    tie_embeddings: bool = True
     # µP (maximal update parametrization): hyperparameters tuned at width `mup_base_width` transfer to
     # wider models. It rescales hidden-matrix init, their Adam learning rate, the attention scale and
     # the output logits by the width multiplier d_model / mup_base_width (see init_weights, param_groups).
@@ -233,7 +236,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)  # also the output projection (tied)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)  # also the output projection when tied
+        # Untied: an output projection of its own. Tied: no lm_head, so the state dict has one copy.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -245,7 +250,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every tensor:
-        - tok_emb: normal(0, init_std); it is input embedding and (tied) output projection at once.
+        - tok_emb: normal(0, init_std); tied, it is input embedding and output projection at once.
+        - lm_head (untied only): normal(0, init_std), like the embedding it stands in for.
         - wq, wk, wv, w1, w3: normal(0, init_std / sqrt(m)), m = µP width multiplier (1 without µP),
           so that under µP their variance falls like 1/fan_in as the model widens.
         - wo, w2 (the projections back into the residual stream): as above, further divided by
@@ -255,6 +261,8 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         hidden_std = std / math.sqrt(self.cfg.width_mult)
         nn.init.normal_(self.tok_emb.weight, 0.0, std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
         for block in self.blocks:
             for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.ffn.w1, block.ffn.w3):
                 nn.init.normal_(lin.weight, 0.0, hidden_std)
@@ -301,18 +309,20 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, h):
-        # Tied output projection; µP divides the logits by the width multiplier so that their scale
-        # after training does not grow with width.
-        logits = F.linear(h, self.tok_emb.weight)  # (B, T, V)
+        # The output projection (tied: the embedding); µP divides the logits by the width multiplier so
+        # that their scale after training does not grow with width.
+        out = self.tok_emb if self.lm_head is None else self.lm_head
+        logits = F.linear(h, out.weight)  # (B, T, V)
         return logits / self.cfg.width_mult if self.cfg.mup else logits
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups. Hidden matrices decay; embeddings and norm gains do not. Under µP the
-        hidden matrices' Adam learning rate is scaled by 1/m (`lr_scale`); the optimizer loop sets
-        each group's lr to base_lr * lr_scale."""
+        """Optimizer groups. Hidden matrices decay; embeddings (an untied lm_head too) and norm gains do
+        not. Under µP the hidden matrices' Adam learning rate is scaled by 1/m (`lr_scale`); the optimizer
+        loop sets each group's lr to base_lr * lr_scale."""
         hidden, embed, gains = [], [], []
         for name, p in self.named_parameters():
-            (embed if name == "tok_emb.weight" else hidden if p.ndim == 2 else gains).append(p)
+            is_embedding = name in ("tok_emb.weight", "lm_head.weight")
+            (embed if is_embedding else hidden if p.ndim == 2 else gains).append(p)
         m = self.cfg.width_mult
         return [
             {"params": hidden, "weight_decay": weight_decay, "lr_scale": 1.0 / m},
@@ -327,11 +337,13 @@ class Transformer(nn.Module):
         """Training FLOPs (forward + backward) per token, PaLM's convention: 6 N + 12 L D T.
 
         N counts every weight that takes part in a matmul; the tied embedding is counted once, as the
-        output projection (the input lookup is no matmul). 12 L D T is attention's score and value
-        matmuls over a context of T, counted in full even though the causal half is masked away.
+        output projection, and an untied one not at all (the input lookup is no matmul). 12 L D T is
+        attention's score and value matmuls over a context of T, counted in full even though the causal
+        half is masked away.
         """
         T = seq_len or self.cfg.max_seq_len
-        n_matmul = sum(p.numel() for p in self.parameters() if p.ndim == 2)
+        lookup_only = "tok_emb.weight" if self.lm_head is not None else None
+        n_matmul = sum(p.numel() for n, p in self.named_parameters() if p.ndim == 2 and n != lookup_only)
         return 6.0 * n_matmul + 12.0 * self.cfg.n_layer * self.cfg.d_model * T
 
     # --- inference ---------------------------------------------------------------------------------

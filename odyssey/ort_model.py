@@ -170,13 +170,15 @@ class OrtTransformer(Transformer):
 
     @classmethod
     def from_files(cls, cfg, onnx_path: Path, weights_path: Path, threads: int = 1) -> OrtTransformer:
-        """The graph of `onnx_path`, with the embedding and the final norm read from the safetensors
-        file it was traced from (the blocks' weights there are never loaded)."""
+        """The graph of `onnx_path`, with the embedding, the final norm (and an untied lm_head) read from
+        the safetensors file it was traced from (the blocks' weights there are never loaded)."""
         with safe_open(str(weights_path), framework="pt") as weights:
             n_params = sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())  # noqa: SIM118
             model = cls(cfg, onnx_path, threads, n_params)
             model.tok_emb.weight.data.copy_(weights.get_tensor("tok_emb.weight"))
             model.norm.weight.data.copy_(weights.get_tensor("norm.weight"))
+            if model.lm_head is not None:  # an untied output projection
+                model.lm_head.weight.data.copy_(weights.get_tensor("lm_head.weight"))
         return model.eval()
 
     def num_params(self) -> int:

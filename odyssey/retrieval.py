@@ -25,14 +25,15 @@ ROWS_PER_FORWARD = 32  # rows per forward pass; bounds the memory of one call
 RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al. 2009): robust across corpora
 
 
-def embed_ids(tok: Tokenizer, text: str, max_tokens: int) -> list[int]:
-    """The ids the model embeds for `text`: the find prompt (<bos><find> text <sep>), the text cut so
-    that the whole is at most max_tokens; the end-of-input token always stays last."""
+def embed_ids(tok: Tokenizer, text: str | list[int], max_tokens: int) -> list[int]:
+    """The ids the model embeds for `text` (or the token ids of a text): the find prompt (<bos><find>
+    text <sep>), the text cut so that the whole is at most max_tokens; the end-of-input token stays last."""
     head, tail = tok.prefix(TASK), [tok.sep_id]
     room = max_tokens - len(head) - len(tail)
     if room < 1:
         raise ValueError(f"max_tokens={max_tokens} leaves no room for text")
-    return [*head, *tok.encode(text)[:room], *tail]
+    body = tok.encode(text) if isinstance(text, str) else list(text)
+    return [*head, *body[:room], *tail]
 
 
 def embed_batch(tok: Tokenizer, texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -53,7 +53,7 @@ class ModelArgs(BaseModel):
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model_path: str  # an exported model: model.safetensors + config.json + tokenizer.json
+    model_path: str  # an exported model (model.safetensors + config.json + tokenizer.json), or a Hugging Face Llama dir
     model_name: str | None = None  # the name /v1/models shows; default: the model directory's name
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     backend: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: `odyssey export --format onnx`

@@ -15,6 +15,11 @@ class ServeError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else self.type
 
+    @property
+    def param(self) -> str | None:
+        """The request field at fault, when there is one: raise SomeError("...", "field")."""
+        return self.args[1] if len(self.args) > 1 else None
+
 
 class InvalidRequest(ServeError):
     status, type = 400, "invalid_request"

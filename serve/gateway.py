@@ -1,7 +1,8 @@
 """`Gateway`: the HTTP front door (FastAPI, the app's ingress).
 
     POST /v1/summarize  /v1/moderate  /v1/find  /v1/code     one task each
-    POST /v1/completions                                     OpenAI's shape; "stream": true -> server-sent events
+    POST /v1/completions  /v1/chat/completions  /v1/embeddings     OpenAI's shapes (serve/openai_shapes.py);
+                                                             "stream": true -> server-sent events
     GET  /v1/models  /healthz  /docs
 
 Its job is the HTTP contract, not the model: validate (422 naming the field, or the line and column
@@ -38,8 +39,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from odyssey import chat
 from odyssey.engine import GenerationParams
 from serve import api_keys, schemas
+from serve import openai_shapes as shapes
 from serve.errors import (
     InputTooLong,
     InvalidRequest,
@@ -85,8 +88,8 @@ def request_id() -> str:
 
 def error_response(exc: ServeError, retry_after_s: int, param: str | None = None) -> JSONResponse:
     body = {"type": exc.type, "message": exc.message, "request_id": request_id()}
-    if param:
-        body["param"] = param
+    if param or exc.param:
+        body["param"] = param or exc.param
     headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
     return JSONResponse({"error": body}, status_code=exc.status, headers=headers)
 
@@ -262,60 +265,160 @@ class Gateway:
         )
 
     async def completions(self, body: schemas.CompletionRequest):
-        await self.check_model(body.model)
+        task = await self.task_for(body.model)
         for i, prompt in enumerate(body.prompts):
-            self.check_text(f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt", prompt)
-        params = self.generation_params(body)
-        completion_id, created = f"cmpl-{request_id()}", int(time.time())
+            if isinstance(prompt, str):
+                self.check_text(f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt", prompt)
+        params = self.generation_params(body, body.logprobs)
+        answer_id, created, model = f"cmpl-{request_id()}", int(time.time()), self.model_label(task)
         if body.stream:
             if len(body.prompts) > 1:
-                raise InvalidRequest("stream one prompt at a time")
-            return await stream_completion(self, body.prompts[0], params, completion_id, created)
+                raise InvalidRequest("stream one prompt at a time", "prompt")
+
+            def layout(item: dict) -> list[dict]:
+                choice = shapes.completion_choice(
+                    item["text"], item["index"], item["finish_reason"], item["tokens"]
+                )
+                return [shapes.completion_body(answer_id, created, model, [choice])]
+
+            stream = await Stream.open(self, task, body.prompts[0], params, body.n, body.echo)
+            return stream.response(layout, [], self.usage_chunk(body, answer_id, created, model, chat=False))
         outs = await asyncio.gather(
             *(
-                self.call(functools.partial(self.lm.generate.remote, "lm", p, params, api_keys.CALLER.get()))
+                self.call(
+                    functools.partial(
+                        self.lm.generate.remote, task, p, params, api_keys.CALLER.get(), body.n, body.echo
+                    )
+                )
                 for p in body.prompts
             )
         )
         self.model_id = outs[0]["model"]
-        p_tokens, c_tokens = sum(o["prompt_tokens"] for o in outs), sum(o["completion_tokens"] for o in outs)
-        choices = [choice(o["text"], i, o["finish_reason"]) for i, o in enumerate(outs)]
-        usage = {
-            "prompt_tokens": p_tokens,
-            "completion_tokens": c_tokens,
-            "total_tokens": p_tokens + c_tokens,
-        }
-        return completion_body(completion_id, created, self.model_name(), choices, usage)
+        choices = [
+            shapes.completion_choice(c["text"], i * body.n + j, c["finish_reason"], c["tokens"])
+            for i, out in enumerate(outs)
+            for j, c in enumerate(out["choices"])
+        ]
+        return shapes.completion_body(answer_id, created, model, choices, answer_usage(outs))
+
+    async def chat_completions(self, body: schemas.ChatCompletionRequest):
+        task = await self.task_for(body.model)
+        messages = body.conversation
+        for i, m in enumerate(messages):
+            self.check_text(f"messages[{i}].content", m["content"])
+        params = self.generation_params(body, (body.top_logprobs or 0) if body.logprobs else None, task)
+        answer_id, created, model = f"chatcmpl-{request_id()}", int(time.time()), self.model_label(task)
+        if body.stream:
+
+            def layout(item: dict) -> list[dict]:
+                out = []
+                if item["text"] or item["tokens"]:
+                    delta = shapes.chat_delta(item["index"], {"content": item["text"]}, None, item["tokens"])
+                    out.append(delta)
+                if item["finish_reason"] is not None:
+                    out.append(shapes.chat_delta(item["index"], {}, item["finish_reason"]))
+                return [shapes.chat_body(answer_id, created, model, [c], None, chunk=True) for c in out]
+
+            opening = [
+                shapes.chat_body(
+                    answer_id,
+                    created,
+                    model,
+                    [shapes.chat_delta(i, {"role": "assistant", "content": ""})],
+                    None,
+                    True,
+                )
+                for i in range(body.n)
+            ]
+            stream = await Stream.open(self, task, messages, params, body.n, False)
+            return stream.response(
+                layout, opening, self.usage_chunk(body, answer_id, created, model, chat=True)
+            )
+        out = await self.call(
+            functools.partial(self.lm.generate.remote, task, messages, params, api_keys.CALLER.get(), body.n)
+        )
+        self.model_id = out["model"]
+        choices = [
+            shapes.chat_choice(c["text"], i, c["finish_reason"], c["tokens"])
+            for i, c in enumerate(out["choices"])
+        ]
+        return shapes.chat_body(answer_id, created, model, choices, answer_usage([out]))
+
+    async def embeddings(self, body: schemas.EmbeddingRequest):
+        await self.task_for(body.model)
+        for i, text in enumerate(body.inputs):
+            if isinstance(text, str):
+                self.check_text(f"input[{i}]" if isinstance(body.input, list) else "input", text)
+        out = await self.call(lambda: self.lm.embed.remote(body.inputs, api_keys.CALLER.get()))
+        self.model_id = out["model_id"]
+        return shapes.embeddings_body(self.model_name(), out["vectors"], body.encoding_format, out["tokens"])
 
     async def models(self):
         info = await self.call(self.lm.info.remote)
         self.model_id = info["id"]
-        return {"object": "list", "data": [{"id": info["name"], "created": 0, "root": info["id"]}]}
+        ids = [info["name"], *(f"{info['name']}:{task}" for task in chat.CHAT_TASKS)]
+        return {"object": "list", "data": [{"id": i, "created": 0, "root": info["id"]} for i in ids]}
 
     async def healthz(self):
         info = await self.call(self.lm.info.remote)
         return {"status": "ok", "model": info["id"]}
 
-    async def check_model(self, model: str | None) -> None:
-        """A request's `model`, if it names one, must be the served one (asked afresh when unknown)."""
-        if model is None or model in (self.model_name(), self.model_id):
-            return
-        info = await self.call(self.lm.info.remote)
-        self.model_id = info["id"]
-        if model not in (info["name"], info["id"]):
-            raise NotFound(f"model {model!r} is not served here; GET /v1/models lists {info['name']!r}")
+    async def task_for(self, model: str | None) -> str:
+        """The task a request's `model` asks for: the served model's name (or name@weights) is the plain
+        language model, NAME:TASK a task (GET /v1/models lists them); any other model is a 404."""
+        if model is None:
+            return "lm"
+        name, _, task = model.rpartition(":") if ":" in model else (model, "", "lm")
+        if model in (self.model_name(), self.model_id):
+            name, task = model, "lm"
+        if name not in (self.model_name(), self.model_id):  # the model may have changed: ask afresh
+            info = await self.call(self.lm.info.remote)
+            self.model_id = info["id"]
+        if (name in (self.model_name(), self.model_id) or model == self.model_id) and task in (
+            "lm",
+            *chat.CHAT_TASKS,
+        ):
+            return task
+        raise NotFound(
+            f"model {model!r} is not served here; GET /v1/models lists {self.model_name()!r} and its tasks",
+            "model",
+        )
 
-    def generation_params(self, body: schemas.CompletionRequest) -> GenerationParams:
+    def model_label(self, task: str) -> str:
+        return self.model_name() if task == "lm" else f"{self.model_name()}:{task}"
+
+    def generation_params(
+        self,
+        body: schemas.CompletionRequest | schemas.ChatCompletionRequest,
+        logprobs: int | None,
+        task: str = "",
+    ) -> GenerationParams:
+        stops = body.stops + (chat.TURN_STOPS if task == "lm" else ())  # chat: the reply ends with its turn
         try:
             return GenerationParams(
-                max_tokens=self.cap(body.max_tokens),
+                max_tokens=self.cap(body.limit(16)),
                 temperature=body.temperature,
                 top_p=body.top_p if body.top_p < 1.0 else None,
-                stop=body.stops,
+                stop=stops,
                 seed=body.seed,
+                logprobs=logprobs,
             )
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
+
+    def usage_chunk(self, body, answer_id: str, created: int, model: str, chat: bool):
+        """With stream_options.include_usage: the last chunk, with no choices and the whole usage."""
+        if not body.include_usage:
+            return None
+        if chat:
+            return lambda usage: shapes.chat_body(answer_id, created, model, [], usage, chunk=True)
+        return lambda usage: shapes.completion_body(answer_id, created, model, [], usage)
+
+
+def answer_usage(outs: list[dict]) -> dict:
+    """Each prompt counted once (its n choices share it), every choice's tokens."""
+    prompt = sum(o["prompt_tokens"] for o in outs)
+    return shapes.usage(prompt, sum(c["completion_tokens"] for o in outs for c in o["choices"]))
 
 
 def translate(exc: BaseException) -> BaseException:
@@ -373,6 +476,8 @@ ROUTES = [
     ("POST", "/v1/find", "find", schemas.FindResponse),
     ("POST", "/v1/code", "code", schemas.CodeResponse),
     ("POST", "/v1/completions", "completions", schemas.CompletionResponse),
+    ("POST", "/v1/chat/completions", "chat_completions", schemas.ChatCompletionResponse),
+    ("POST", "/v1/embeddings", "embeddings", schemas.EmbeddingResponse),
     ("GET", "/v1/models", "models", schemas.ModelList),
     ("GET", "/healthz", "healthz", None),
 ]
@@ -433,61 +538,54 @@ def add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return JSONResponse({"error": error}, status_code=500)
 
 
-def completion_body(
-    completion_id: str, created: int, model: str, choices: list[dict], usage: dict | None = None
-) -> dict:
-    """An OpenAI `text_completion` object: the whole answer (with `usage`) and each streamed chunk."""
-    body = {"id": completion_id, "object": "text_completion", "created": created, "model": model}
-    body["choices"] = choices
-    if usage is not None:
-        body["usage"] = usage
-    return body
+class Stream:
+    """A generation streamed as server-sent events in OpenAI's format, then `data: [DONE]`. The replica's
+    first item is awaited before answering, so that a refusal (413, 503) is still a status code."""
 
+    def __init__(self, gw: Gateway, items):
+        self.items, self.timeout = items, gw.settings.request_timeout_s
 
-def choice(text: str, index: int, finish_reason: str | None) -> dict:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+    @classmethod
+    async def open(
+        cls, gw: Gateway, task: str, prompt, params: GenerationParams, n: int, echo: bool
+    ) -> "Stream":
+        call = gw.lm.options(stream=True).generate_stream
+        stream = cls(gw, call.remote(task, prompt, params, api_keys.CALLER.get(), n, echo))
+        stream.first = await stream.next()
+        return stream
 
-
-async def stream_completion(
-    gw: Gateway, prompt: str, params: GenerationParams, completion_id: str, created: int
-):
-    """Server-sent events in OpenAI's format: one `text_completion` chunk per step, then [DONE].
-    The first chunk is awaited before answering, so that a refusal (413, 503) is still a status code."""
-    chunks = gw.lm.options(stream=True).generate_stream.remote("lm", prompt, params, api_keys.CALLER.get())
-    timeout = gw.settings.request_timeout_s
-
-    async def next_chunk():
+    async def next(self) -> dict | None:
         try:
-            return await asyncio.wait_for(chunks.__anext__(), timeout)
+            return await asyncio.wait_for(self.items.__anext__(), self.timeout)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
-            chunks.cancel()
-            raise TimedOut(f"no token within {timeout} s") from None
+            self.items.cancel()
+            raise TimedOut(f"no token within {self.timeout} s") from None
         except Exception as e:
             raise translate(e) from None
 
-    first = await next_chunk()
+    def response(self, layout, opening: list[dict], usage_chunk) -> StreamingResponse:
+        """layout(item) -> the chunks of one replica item; opening: chunks sent first; usage_chunk(usage)
+        -> the last chunk (stream_options.include_usage), or None."""
 
-    def event(chunk) -> str:
-        return sse(
-            completion_body(
-                completion_id, created, gw.model_name(), [choice(chunk.text, 0, chunk.finish_reason)]
-            )
-        )
+        async def events():
+            item, counted, prompt_tokens = self.first, {}, 0
+            try:
+                for chunk in opening:
+                    yield sse(chunk if usage_chunk is None else {**chunk, "usage": None})
+                while item is not None:
+                    counted[item["index"]], prompt_tokens = item["completion_tokens"], item["prompt_tokens"]
+                    for chunk in layout(item):
+                        yield sse(chunk if usage_chunk is None else {**chunk, "usage": None})
+                    item = await self.next()
+                if usage_chunk is not None:
+                    yield sse(usage_chunk(shapes.usage(prompt_tokens, sum(counted.values()))))
+                yield sse("[DONE]")
+            except ServeError as e:  # mid-stream the status is sent already: report in the stream
+                yield sse({"error": {"type": e.type, "message": e.message}})
+            finally:
+                self.items.cancel()
 
-    async def events():
-        chunk = first
-        try:
-            while chunk is not None:
-                yield event(chunk)
-                if chunk.finish_reason is not None:
-                    break
-                chunk = await next_chunk()
-            yield sse("[DONE]")
-        except ServeError as e:  # mid-stream the status is sent already: report in the stream
-            yield sse({"error": {"type": e.type, "message": e.message}})
-        finally:
-            chunks.cancel()
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        headers = {"Cache-Control": "no-cache"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

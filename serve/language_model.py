@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,17 +34,22 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from odyssey import artifact, failpoints, retrieval
-from odyssey.engine import AsyncEngine, Chunk, Engine, EngineConfig, Event, GenerationParams, QueueFull
+from odyssey import artifact, chat, failpoints, retrieval
+from odyssey.engine import AsyncEngine, Engine, EngineConfig, Event, GenerationParams, QueueFull
+from odyssey.errors import OdysseyError
 from odyssey.model import Transformer
 from odyssey.tasks import TASKS
 from odyssey.tokenizer import Tokenizer
 from serve.errors import InputTooLong, InvalidRequest, Overloaded
 from serve.metrics import EngineMetrics
+from serve.openai_shapes import Describer
 from serve.replica_network import bind_internal_server
 
 log = logging.getLogger("ray.serve")
 
+# What a generation starts from: text in the task's format, chat messages ({"role", "content"}), or
+# token ids, taken as they are.
+Prompt = str | list[dict] | list[int]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A replica runs Ray's I/O threads beside the thread of this code; a request crosses between them twice,
 # and each time waits for the GIL up to the switch interval (5 ms by default). Shorter: ~0.5 ms.
@@ -108,6 +113,15 @@ def load(settings: LanguageModelSettings, device: str, name: str | None = None, 
     return Loaded(model, tokenizer, name, f"{name}@{artifact.weights_digest(path)}")
 
 
+def choice(text: str, finish_reason: str, completion_tokens: int, tokens: list[dict] | None) -> dict:
+    return {
+        "text": text,
+        "finish_reason": finish_reason,
+        "completion_tokens": completion_tokens,
+        "tokens": tokens,
+    }
+
+
 @serve.deployment(name="LanguageModel")
 class LanguageModel:
     def __init__(self, device: str = "cpu", model_name: str | None = None, threads: int = 1):
@@ -169,14 +183,29 @@ class LanguageModel:
 
     # --- generation --------------------------------------------------------------------------------
 
-    def _prompt(self, m: Loaded, task: str, text: str) -> list[int]:
-        """Fail early (413) when the prompt leaves no room to answer; the engine caps max_tokens to it."""
-        prompt, limit = m.prompt(task, text), m.model.cfg.max_seq_len
-        if len(prompt) >= limit:
+    def _prompt(self, m: Loaded, task: str, prompt: Prompt) -> list[int]:
+        """A prompt as token ids: text in the task's format, chat messages through the chat template
+        (odyssey/chat.py), or ids as given. Fails early (413) when it leaves no room to answer."""
+        try:
+            if isinstance(prompt, str):
+                ids = m.prompt(task, prompt)
+            elif prompt and isinstance(prompt[0], dict):
+                ids = chat.chat_ids(m.tokenizer, prompt, task)
+            else:
+                ids = list(prompt)
+                bad = next((t for t in ids if not 0 <= t < m.model.cfg.vocab_size), None)
+                if bad is not None or not ids:
+                    raise InvalidRequest(
+                        f"token id {bad} is not in 0..{m.model.cfg.vocab_size - 1}", "prompt"
+                    )
+        except OdysseyError as e:  # what the chat template cannot render
+            raise InvalidRequest(str(e), "messages") from None
+        limit = m.model.cfg.max_seq_len
+        if len(ids) >= limit:
             raise InputTooLong(
-                f"the prompt is {len(prompt)} tokens; this model reads at most {limit - 1} before answering"
+                f"the prompt is {len(ids)} tokens; this model reads at most {limit - 1} before answering"
             )
-        return prompt
+        return ids
 
     def _submit(self, m: Loaded, task: str, key_id: str, add, *args):
         """A request into the engine, tagged for the metrics; a full queue is a 503, counted as refused."""
@@ -188,33 +217,124 @@ class LanguageModel:
         self.tags[request.id] = (task, key_id)
         return request
 
-    async def generate_stream(
-        self, task: str, text: str, params: GenerationParams, key_id: str = ""
-    ) -> AsyncGenerator[Chunk]:
-        m = self.loaded
-        seq = self._submit(m, task, key_id, m.engine.engine.add, self._prompt(m, task, text), params)
-        self.texts[seq.id] = text
-        try:
-            async for event in m.engine.stream(seq):
-                yield event.chunk
-        finally:  # the caller stopped reading (client gone, timeout): the stream's own cleanup cancels it
-            self.texts.pop(seq.id, None)
+    def _start(
+        self,
+        m: Loaded,
+        task: str,
+        ids: list[int],
+        prompt: Prompt,
+        params: GenerationParams,
+        n: int,
+        key_id: str,
+    ) -> list:
+        """n sequences of one prompt, submitted together so that the engine prefills it once. Seeded:
+        the i-th choice takes seed + i, so the choices differ and each is reproducible."""
+        seeds = [None if params.seed is None else (params.seed + i) % 2**63 for i in range(n)]
+        seqs = [
+            self._submit(m, task, key_id, m.engine.engine.add, ids, replace(params, seed=seed))
+            for seed in seeds
+        ]
+        for seq in seqs:
+            self.texts[seq.id] = prompt if isinstance(prompt, str) else ""
+        return seqs
 
-    async def generate(self, task: str, text: str, params: GenerationParams, key_id: str = "") -> dict:
+    async def _echo(self, m: Loaded, task: str, ids: list[int], top: int | None, key_id: str) -> dict:
+        """The prompt as an answer's beginning: its text and, when asked, its tokens' log-probabilities
+        (the first token's is None: nothing predicts it)."""
+        describe = Describer(m.tokenizer)
+        tokens = None
+        if top is not None:
+            scored = []
+            if len(ids) > 1:
+                request = self._submit(m, task, key_id, m.engine.engine.add_score, ids[:1], [ids[1:]], top)
+                scored = (await m.engine.result(request))[0]
+            tokens = [describe(ids[0], None, None), *describe.scored(scored)]
+        return {"text": m.tokenizer.decode(ids), "tokens": tokens, "describe": describe}
+
+    async def generate(
+        self,
+        task: str,
+        prompt: Prompt,
+        params: GenerationParams,
+        key_id: str = "",
+        n: int = 1,
+        echo: bool = False,
+    ) -> dict:
+        """n completions of one prompt: {"choices": [{text, finish_reason, completion_tokens, tokens}],
+        "prompt_tokens", "model"}. `tokens` (params.logprobs set): serve/openai_shapes.py `Describer`
+        dicts. With echo, each text (and its tokens) begins with the prompt's; with max_tokens 0 it is
+        only that (the prompt's log-probabilities, scored without generating)."""
         m = self.loaded
-        seq = self._submit(m, task, key_id, m.engine.engine.add, self._prompt(m, task, text), params)
-        self.texts[seq.id] = text
+        ids = self._prompt(m, task, prompt)
+        only_echo = params.max_tokens == 0
+        head = await self._echo(m, task, ids, params.logprobs, key_id) if echo or only_echo else None
+        if only_echo:
+            return {"choices": [choice(head["text"], "length", 0, head["tokens"])] * n, "prompt_tokens": len(ids), "model": m.id}  # fmt: skip
+        seqs = self._start(m, task, ids, prompt, params, n, key_id)
         try:
-            answer, last = await m.engine.complete(seq)
+            ends = await asyncio.gather(*[m.engine.complete(seq) for seq in seqs])
         finally:
-            self.texts.pop(seq.id, None)
-        return {
-            "text": answer,
-            "finish_reason": last.finish_reason,
-            "prompt_tokens": last.prompt_tokens,
-            "completion_tokens": last.completion_tokens,
-            "model": m.id,
-        }
+            for seq in seqs:
+                self.texts.pop(seq.id, None)
+                m.engine.cancel(seq)  # a no-op for a finished one
+        choices = []
+        for text, last, logprobs in ends:
+            describe = head["describe"].fork() if head else Describer(m.tokenizer)
+            tokens = None if params.logprobs is None else describe.scored(logprobs)
+            if head is not None:
+                text, tokens = head["text"] + text, None if tokens is None else head["tokens"] + tokens
+            choices.append(choice(text, last.finish_reason, last.completion_tokens, tokens))
+        return {"choices": choices, "prompt_tokens": len(ids), "model": m.id}
+
+    async def generate_stream(
+        self,
+        task: str,
+        prompt: Prompt,
+        params: GenerationParams,
+        key_id: str = "",
+        n: int = 1,
+        echo: bool = False,
+    ) -> AsyncGenerator[dict]:
+        """The n completions as they are made: {"index", "text", "finish_reason", "tokens",
+        "completion_tokens", "prompt_tokens"} per step and choice (the echoed prompt first, when asked)."""
+        m = self.loaded
+        ids = self._prompt(m, task, prompt)
+        head = await self._echo(m, task, ids, params.logprobs, key_id) if echo else None
+        seqs = self._start(m, task, ids, prompt, params, n, key_id)
+        merged: asyncio.Queue = asyncio.Queue()
+        pumps: list[asyncio.Future] = []
+
+        async def pump(index: int, events) -> None:
+            describe = head["describe"].fork() if head else Describer(m.tokenizer)
+            try:
+                async for event in events:
+                    chunk = event.chunk
+                    tokens = None if params.logprobs is None else describe.scored(chunk.logprobs)
+                    merged.put_nowait(
+                        {"index": index, "text": chunk.text, "finish_reason": chunk.finish_reason, "tokens": tokens,
+                         "completion_tokens": chunk.completion_tokens, "prompt_tokens": len(ids)}
+                    )  # fmt: skip
+            except Exception as e:
+                merged.put_nowait(e)
+
+        try:
+            pumps += [asyncio.ensure_future(pump(i, m.engine.stream(seq))) for i, seq in enumerate(seqs)]
+            for index in range(n if head else 0):
+                yield {"index": index, "text": head["text"], "finish_reason": None, "tokens": head["tokens"],
+                       "completion_tokens": 0, "prompt_tokens": len(ids)}  # fmt: skip
+            done = 0
+            while done < n:
+                item = await merged.get()
+                if isinstance(item, Exception):
+                    raise item
+                done += item["finish_reason"] is not None
+                yield item
+        finally:  # the caller stopped reading (client gone, timeout): each stream's cleanup cancels it
+            for pump_task in pumps:
+                pump_task.cancel()
+            for seq in seqs:
+                self.texts.pop(seq.id, None)
+                m.engine.cancel(seq)
 
     def _on_event(self, event: Event) -> None:
         task, key_id = self.tags.pop(event.request.id, ("", ""))
@@ -229,13 +349,16 @@ class LanguageModel:
 
     # --- embeddings and scores ---------------------------------------------------------------------
 
-    async def embed(self, texts: list[str], key_id: str = "") -> dict:
-        """Unit vectors (N, D) float32 of texts (odyssey/retrieval.py: each cut to the model's context),
-        and the model id."""
+    async def embed(self, texts: list[str] | list[list[int]], key_id: str = "") -> dict:
+        """Unit vectors (N, D) float32 of texts, or of token ids of texts (odyssey/retrieval.py: each in
+        the find format, cut to the model's context), the model id and the tokens read."""
         m = self.loaded
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) and not all(0 <= t < m.tokenizer.vocab_size for t in text):
+                raise InvalidRequest(f"token ids must be in 0..{m.tokenizer.vocab_size - 1}", f"input[{i}]")
         rows = [retrieval.embed_ids(m.tokenizer, t, m.model.cfg.max_seq_len) for t in texts]
         vectors = await self._aux(m, "embed", key_id, m.engine.engine.add_embed, rows)
-        return {"vectors": vectors, "model_id": m.id}
+        return {"vectors": vectors, "model_id": m.id, "tokens": sum(map(len, rows))}
 
     async def score(self, task: str, text: str, options: list[str], key_id: str = "") -> dict:
         """Log-probability of each option (followed by end-of-text) as the answer to `text` in `task`."""

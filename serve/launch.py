@@ -144,6 +144,8 @@ def probe(base: str, headers: dict) -> dict[str, int]:
         ("POST", "/v1/find", {"query": "ready?", "k": 1}),
         ("POST", "/v1/code", {"prompt": "ready?", "max_tokens": 1}),
         ("POST", "/v1/completions", {"prompt": "ready?", "max_tokens": 1}),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1}),
+        ("POST", "/v1/embeddings", {"input": "ready?"}),
     ]
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with httpx.Client(base_url=base, headers=headers, timeout=60) as http:

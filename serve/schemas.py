@@ -1,16 +1,27 @@
 """Request and response bodies of the HTTP API (they also make the OpenAPI page at /docs).
 
-Task endpoints reject unknown fields, so a misspelt `max_token` is a 422 naming it rather than a
-silently ignored setting. /v1/completions follows OpenAI's shape and ignores the OpenAI fields it does
-not implement (`user`, penalties), as OpenAI-compatible servers do; `n` > 1, `echo` and `logprobs`
-are refused rather than ignored, since ignoring them would return something else than was asked.
+Every endpoint rejects unknown fields, so a misspelt `max_token` is a 422 naming it rather than a
+silently ignored setting. The OpenAI endpoints (/v1/completions, /v1/chat/completions, /v1/embeddings)
+take OpenAI's fields: what changes no answer (`user`, `metadata`, `store`, `service_tier`) is accepted
+and ignored; what Odyssey does not implement (`best_of` > 1, penalties, `logit_bias`, `suffix`, tools,
+`dimensions`...) is refused with a 422 naming the field when set to anything but its no-op value, since
+ignoring it would return something else than was asked.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 
 def _unicode(text: str) -> str:
@@ -35,6 +46,13 @@ def integer(**limits) -> type:
     """An int field with these limits (ge=, le=...), which also takes 2.0 for 2. The limits come
     before the converter so that the OpenAPI schema states them (as minimum/maximum)."""
     return Annotated[int, Field(**limits), BeforeValidator(_integral)]
+
+
+def refuse(model: BaseModel, field: str, message: str):
+    """A check across fields (in a model validator) as the error of one field, so the 422 names it."""
+    error = PydanticCustomError("value_error", message)
+    details = InitErrorDetails(type=error, loc=(field,), input=getattr(model, field, None))
+    raise ValidationError.from_exception_data(type(model).__name__, [details])
 
 
 class _Strict(BaseModel):
@@ -67,31 +85,164 @@ class CodeRequest(_Strict):
 NonEmpty = Annotated[Text, Field(min_length=1)]
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+def each(value: str | list) -> list[str | list[int]]:
+    """A field of OpenAI's that takes one text or token list, or a list of them: always a list."""
+    return [value] if isinstance(value, str) or isinstance(value[0], int) else list(value)
+
+
+TokenIds = Annotated[list[integer(ge=0, lt=2**31)], Field(min_length=1)]
+MAX_PROMPTS = 16  # prompts (or choices: prompts x n) in one completions request
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _OpenAI(_Strict):
+    """Fields every OpenAI generation request may carry. Those Odyssey does not implement are taken
+    only at their no-op value; a real setting is refused (`_refuse_unsupported`), naming the field."""
 
     model: str | None = None
-    # The limits are in the types, so the OpenAPI schema states them and clients can check up front.
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=16)] = Field(
-        description="one prompt, or up to 16 answered in one response"
-    )
-    max_tokens: integer(ge=1) = 16
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: integer(ge=0, lt=2**63) | None = None
-    n: integer(ge=1, le=1) = Field(1, description="one choice per prompt")
-    echo: Literal[False] = False
-    logprobs: None = None
+    n: integer(ge=1, le=MAX_PROMPTS) = Field(1, description="choices per prompt; they share one prefill")
+    max_tokens: integer(ge=0) | None = None
+    max_completion_tokens: integer(ge=0) | None = Field(None, description="an alias of max_tokens")
+    # Accepted and ignored: they change no answer.
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Not implemented: refused unless at their no-op value (which the schema states).
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(None, description="only {}")
 
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, value):
+        if value not in (None, 0, {}):
+            raise ValueError("not supported by this server; leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            refuse(self, "max_completion_tokens", "differs from max_tokens; send one of them")
+        if self.stream_options is not None and not self.stream:
+            refuse(self, "stream_options", "needs stream: true")
+        return self
 
     @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def limit(self, default: int) -> int:
+        """max_tokens, or its alias, or the default."""
+        given = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+        return default if given is None else given
+
+
+class CompletionRequest(_OpenAI):
+    prompt: (
+        NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="text, up to 16 texts, token ids, or up to 16 lists of token ids")  # fmt: skip
+    echo: bool = Field(False, description="begin each choice with the prompt (with max_tokens 0: only that)")
+    logprobs: integer(ge=0, le=5) | None = Field(
+        None, description="each token's log-probability and this many alternatives"
+    )
+    best_of: integer(ge=1, le=1) | None = Field(None, description="only 1: choices are not ranked here")
+    suffix: None = None
+
+    @model_validator(mode="after")
+    def _tokens(self):
+        if self.limit(16) == 0 and not self.echo:
+            refuse(
+                self,
+                "max_tokens",
+                "0 generates nothing; it is for echo: true (the prompt's log-probabilities)",
+            )
+        if len(self.prompts) * self.n > MAX_PROMPTS:
+            refuse(
+                self,
+                "n",
+                f"n x prompts is {len(self.prompts) * self.n}; at most {MAX_PROMPTS} choices a request",
+            )
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        return each(self.prompt)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_OpenAI):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool = False
+    top_logprobs: integer(ge=0, le=20) | None = None
+    response_format: ResponseFormat | None = Field(None, description="only text")
+    tools: None = Field(None, description="not supported")
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            refuse(self, "top_logprobs", "needs logprobs: true")
+        if self.limit(16) == 0:
+            refuse(self, "max_tokens", "must be >= 1")
+        return self
+
+    @property
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template takes them (odyssey/chat.py); developer speaks as system."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages
+        ]
+
+
+class EmbeddingRequest(_Strict):
+    model: str | None = None
+    input: (
+        NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=256)] | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=256)]
+    ) = Field(description="text, up to 256 texts, or their token ids")  # fmt: skip
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: None = Field(None, description="not supported: vectors have the model's width")
+    user: str | None = None
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        return each(self.input)
 
 
 # --- responses ---------------------------------------------------------------------------------------
@@ -166,10 +317,17 @@ class CodeResponse(BaseModel):
     usage: Usage
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # the prompt's first token has none: nothing predicts it
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -180,6 +338,63 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+    tool_calls: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 (encoding_format "base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -20,7 +20,7 @@ log = logging.getLogger("ray.serve")
 
 
 def usage(result: dict) -> dict:
-    p, c = result["prompt_tokens"], result["completion_tokens"]
+    p, c = result["prompt_tokens"], result["choices"][0]["completion_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -33,9 +33,10 @@ class Summarizer:
     async def __call__(self, text: str, max_tokens: int | None = None, key_id: str = "") -> dict:
         params = answers.summary_params(self.settings, max_tokens)
         out = await self.lm.generate.remote("summarize", text, params, key_id)
+        answer = out["choices"][0]
         return {
-            "summary": out["text"].strip(),
-            "finish_reason": out["finish_reason"],
+            "summary": answer["text"].strip(),
+            "finish_reason": answer["finish_reason"],
             "model": out["model"],
             "usage": usage(out),
         }
@@ -88,9 +89,9 @@ class Coder:
     async def __call__(self, prompt: str, max_tokens: int | None = None, key_id: str = "") -> dict:
         tries = answers.code_params(self.settings, max_tokens)
         outs = await asyncio.gather(*(self.lm.generate.remote("code", prompt, p, key_id) for p in tries))
-        best, error = answers.pick_code(prompt, [o["text"] for o in outs])
+        best, error = answers.pick_code(prompt, [o["choices"][0]["text"] for o in outs])
         return {
-            "code": outs[best]["text"],
+            "code": outs[best]["choices"][0]["text"],
             "parses": error is None,
             "error": error,
             "attempts": len(outs),

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from odyssey.config import apply_overrides, from_dict, load_config
+from odyssey.config import apply_overrides, from_dict, load_config, to_dict
 from odyssey.data.corpus import CorpusConfig
 from odyssey.errors import ConfigError
 from odyssey.model import ModelConfig, tiny
@@ -87,3 +87,23 @@ def test_presets_with_partial_overrides():
         from_dict(WithPresets, {"model": {"d_model": 100}})
     with pytest.raises(ConfigError, match=r"mixture: unknown task 'translate'"):
         from_dict(DataConfig, {"mixture": {"translate": 1.0}})
+
+
+@dataclass
+class Start:
+    from_: str | None = None  # a Python keyword: the field has a trailing underscore, configs spell it `from`
+
+
+@dataclass
+class WithKeyword:
+    init: Start = field(default_factory=Start)
+
+
+def test_a_keyword_field_is_spelled_without_its_underscore():
+    cfg = load_config(WithKeyword, None, ["init.from=/ckpt"])
+    assert cfg.init.from_ == "/ckpt" and to_dict(cfg) == {"init": {"from": "/ckpt"}}
+    assert from_dict(WithKeyword, to_dict(cfg)) == cfg  # what workers rebuild from a resolved config
+    with pytest.raises(ConfigError, match=r"init.from: expected a string, got 3"):
+        load_config(WithKeyword, None, ["init.from=3"])
+    with pytest.raises(ConfigError, match=r"unknown field 'init.from_'.*fields of Start: from\)"):
+        load_config(WithKeyword, None, ["init.from_=/ckpt"])

@@ -256,7 +256,7 @@ def test_the_async_loop_streams_and_a_caller_that_leaves_frees_its_row(model, to
         assert engine.engine.running == []
         assert seen[-1].chunk.finish_reason == "cancelled" and seen[-1].chunk.completion_tokens == 5
         short = [e.chunk async for e in engine.stream(engine.engine.add(prompts[0], GREEDY[0]))]
-        whole, last = await engine.complete(engine.engine.add(prompts[0], GREEDY[0]))
+        whole, last, _ = await engine.complete(engine.engine.add(prompts[0], GREEDY[0]))
         scores = await engine.result(engine.engine.add_score(prompts[0], [[5], [6, 7]]))
         await engine.stop()
         return short, whole, last, scores

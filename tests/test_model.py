@@ -168,6 +168,22 @@ def test_presets_and_flops():
     assert model.flops_per_token(64) == 6 * n_matmul + 12 * CFG.n_layer * CFG.d_model * 64
 
 
+def test_an_untied_output_head_projects_trains_and_counts_like_an_embedding():
+    """tie_embeddings=False (Hugging Face checkpoints may have it): lm_head is the output projection, in
+    the embedding's optimizer group, and the input embedding, a lookup only, no longer counts as a matmul."""
+    untied = make(replace(CFG, n_layer=1, tie_embeddings=False))
+    assert list(untied.state_dict())[:2] == ["tok_emb.weight", "lm_head.weight"]
+    ids = random_ids(1, 8)
+    h = untied.hidden_states(ids, untied.rope_cos[:8], untied.rope_sin[:8])
+    torch.testing.assert_close(untied(ids), h @ untied.lm_head.weight.T)
+    embed_group = untied.param_groups(0.1)[1]["params"]
+    assert any(p is untied.lm_head.weight for p in embed_group) and len(embed_group) == 2
+    n_matmul = sum(p.numel() for p in untied.parameters() if p.ndim == 2) - untied.tok_emb.weight.numel()
+    assert untied.flops_per_token(64) == 6 * n_matmul + 12 * CFG.d_model * 64
+    tied = make(replace(CFG, n_layer=1))
+    assert tied.lm_head is None and untied.num_params() == tied.num_params() + CFG.vocab_size * CFG.d_model
+
+
 def test_config_errors_say_the_fix():
     with pytest.raises(ConfigError, match=r"d_model=100 is not divisible by n_head=3"):
         ModelConfig(d_model=100, n_head=3)

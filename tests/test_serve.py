@@ -254,7 +254,8 @@ def test_stop_string_ends_the_completion(served):
         ("/v1/summarize", {}, 422, "text"),
         ("/v1/summarize", {"text": "x", "max_token": 5}, 422, "max_token"),
         ("/v1/find", {"query": "x", "k": 0}, 422, "k"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 422, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 17}, 422, "n"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
         ("/v1/summarize", {"text": "x" * 20_001}, 413, None),
         (

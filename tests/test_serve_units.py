@@ -49,7 +49,9 @@ def test_a_short_prompt_keeps_its_room_beside_a_long_one(model, tokenizer):
 
 def test_generation_params_refuse_what_makes_no_sense():
     with pytest.raises(ValueError, match="max_tokens"):
-        GenerationParams(max_tokens=0)
+        GenerationParams(max_tokens=-1)
+    with pytest.raises(ValueError, match="logprobs"):
+        GenerationParams(max_tokens=1, logprobs=21)
     with pytest.raises(ValueError, match="top_p"):
         GenerationParams(max_tokens=1, top_p=0.0)
 

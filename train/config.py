@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from odyssey import hf
 from odyssey.config import named_file
-from odyssey.errors import ConfigError
+from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import ModelConfig, tiny
 from odyssey.tasks import TASKS
 
@@ -23,7 +24,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 @dataclass
 class DataConfig:
     corpus: str = "runs/data/tiny"  # `odyssey data build --out` output
-    blocks: str | None = None  # packed blocks; None: {corpus}/blocks-{seq_len}
+    # The tokenizer.json the blocks are packed with and checkpoints carry; None: {corpus}/tokenizer.json.
+    # With init.from, the checkpoint's (set by train/launch.py).
+    tokenizer: str | None = None
+    blocks: str | None = None  # packed blocks; None: {corpus}/blocks-{seq_len}[-{tokenizer's name}]
     seq_len: int = 128
     mixture: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 1.0))  # task -> weight
     # Build corpus, tokenizer and blocks on the driver when they are missing (CPU recipes); else a
@@ -46,8 +50,32 @@ class DataConfig:
             raise ConfigError("mixture: weights must be >= 0 and at least one > 0")
 
     @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or str(Path(self.corpus) / "tokenizer.json")
+
+    @property
     def blocks_dir(self) -> str:
-        return self.blocks or str(Path(self.corpus) / f"blocks-{self.seq_len}")
+        if self.blocks:
+            return self.blocks
+        own = f"-{Path(self.tokenizer).stem}" if self.tokenizer else ""  # not the corpus's tokenizer
+        return str(Path(self.corpus) / f"blocks-{self.seq_len}{own}")
+
+
+@dataclass
+class InitConfig:
+    """Where training starts: freshly initialised weights (the default), or `init: {from: PATH}`, a
+    Hugging Face Llama checkpoint (odyssey/hf.py) whose config.json sets the model's shape (the `model:`
+    section then sets none), whose weights are the starting point, and whose tokenizer packs the data."""
+
+    from_: str | None = None  # a directory every node sees, like storage
+
+    def __post_init__(self) -> None:
+        if self.from_ is None:
+            return
+        try:
+            hf.check_pretrained(self.from_)
+        except OdysseyError as e:
+            raise ConfigError(f"from={self.from_!r}: {e}") from None
 
 
 @dataclass
@@ -156,6 +184,7 @@ class TrainConfig:
     name: str = "tiny-cpu"  # the run directory is {storage}/{name}; launching again resumes it
     storage: str = "runs"
     model: ModelConfig = field(default_factory=tiny)  # vocab and context follow the data
+    init: InitConfig = field(default_factory=InitConfig)  # from a Hugging Face checkpoint, or fresh
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

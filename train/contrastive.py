@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,7 +68,7 @@ def read_pairs(cfg: TrainConfig, split: str, limit: int | None = None) -> Pairs 
         table = table.slice(0, limit)
     if table.num_rows == 0:
         return None
-    tok = Tokenizer.load(Path(cfg.data.corpus) / "tokenizer.json")
+    tok = Tokenizer.load(cfg.data.tokenizer_path)
     c, seq_len = cfg.contrastive, cfg.data.seq_len
     queries, _ = retrieval.embed_batch(tok, table.column("input").to_pylist(), min(c.query_tokens, seq_len))
     passages, _ = retrieval.embed_batch(

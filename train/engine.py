@@ -8,7 +8,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from odyssey import logs, optim
+from odyssey import hf, logs, optim
 from odyssey.model import ModelConfig, Transformer
 from train.config import TrainConfig
 
@@ -60,9 +60,12 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, world: int, universal: bool = False):
-    """(engine, model, training FLOPs per token), every rank starting from the same initial weights
-    (seeded). The FLOPs are counted before DeepSpeed sees the model: ZeRO-3 leaves each rank's
+def build_engine(
+    cfg: TrainConfig, model_cfg: ModelConfig, world: int, universal: bool = False, pretrained: bool = True
+):
+    """(engine, model, training FLOPs per token), every rank starting from the same initial weights:
+    seeded, or with `pretrained` (a start, not a resume) and init.from set, the checkpoint's. Those are
+    loaded before DeepSpeed sees the model; so are the FLOPs counted: ZeRO-3 leaves each rank's
     parameters empty, which would count as a model without weights."""
     import deepspeed
     from deepspeed.checkpoint.constants import (
@@ -73,6 +76,8 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, world: int, universal
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
+    if pretrained and cfg.init.from_ is not None:
+        model.load_state_dict(hf.load_pretrained(cfg.init.from_)[0].state_dict())  # shapes: launch.resolve
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)

@@ -1,5 +1,8 @@
-"""`odyssey export CHECKPOINT_OR_RUN --out DIR`: a ZeRO training checkpoint consolidated into the
-serving format (odyssey/artifact.py: safetensors + config.json + tokenizer.json).
+"""`odyssey export SOURCE --out DIR [--format safetensors|onnx|hf]`: a ZeRO training checkpoint
+consolidated into the serving format (odyssey/artifact.py: safetensors + config.json + tokenizer.json),
+or into Hugging Face's Llama format (odyssey/hf.py: `export_hf`). SOURCE may also be a model already
+exported, in either format: the way to add model.onnx to one, or to bring a Hugging Face checkpoint into
+ours.
 
 ZeRO 1-3 keep the fp32 master weights partitioned across the ranks' optimizer files; DeepSpeed's
 zero_to_fp32 gathers them. ZeRO 0 keeps the whole module in the model-states file. Either way the
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from odyssey import artifact, logs
+from odyssey import artifact, hf, logs
 from odyssey.config import from_dict
 from odyssey.errors import OdysseyError
 from odyssey.model import ModelConfig, Transformer
@@ -51,8 +54,34 @@ def export(
     onnx: bool = False,
     quantize: str | None = None,
 ) -> Path:
-    """Export a checkpoint (or a run's latest, or best with best=True) to `out`; returns `out`. With
-    onnx=True the directory also gets model.onnx, for the ONNX Runtime backend."""
+    """Export a checkpoint (or a run's latest, or best with best=True), or a model directory, to `out`
+    in the serving format; returns `out`. With onnx=True the directory also gets model.onnx, for the
+    ONNX Runtime backend."""
+    model, tokenizer, metadata = read_source(source, best)
+    return artifact.save_model(
+        out, model, tokenizer, metadata=metadata, overwrite=overwrite, onnx=onnx, onnx_quantize=quantize
+    )
+
+
+def export_hf(source: str | Path, out: str | Path, best: bool = False, overwrite: bool = False) -> Path:
+    """Export like `export`, into Hugging Face's Llama format (odyssey/hf.py); returns `out`."""
+    model, tokenizer, _ = read_source(source, best)
+    if tokenizer is None:
+        raise OdysseyError(
+            f"{source} has no tokenizer.json, which a Hugging Face model directory needs: export from a "
+            "checkpoint of a run (it carries the run's tokenizer)"
+        )
+    return hf.save_pretrained(model, tokenizer, out, overwrite=overwrite)
+
+
+def read_source(source: str | Path, best: bool = False) -> tuple[Transformer, Tokenizer | None, dict]:
+    """(model, tokenizer, where it came from) of a checkpoint, a run (its latest, or best), or a model
+    directory (ours, or a Hugging Face Llama's)."""
+    if is_exported(source):
+        model, tokenizer, config = artifact.load(source)
+        keep = ("source_checkpoint", "step", "tokens", "val_loss")  # a re-export still names its run
+        return model, tokenizer, {k: config[k] for k in keep if k in config} or {"source_model": str(source)}
+    require_model_source(source)
     ckpt = checkpoint.find(source, best=best)
     meta = checkpoint.read_meta(ckpt)
     model = Transformer(from_dict(ModelConfig, meta["model"], "model"))
@@ -69,14 +98,13 @@ def export(
         "tokens": meta["tokens"],
         "val_loss": meta["val_loss"],
     }
-    return artifact.save_model(
-        out, model, tokenizer, metadata=metadata, overwrite=overwrite, onnx=onnx, onnx_quantize=quantize
-    )
+    return model, tokenizer, metadata
 
 
 def is_exported(path: str | Path) -> bool:
+    """A model directory that artifact.load takes: ours, or a Hugging Face checkpoint."""
     path = Path(path)
-    return (path / artifact.CONFIG).is_file() and (path / artifact.WEIGHTS).is_file()
+    return hf.is_hf_dir(path) or ((path / artifact.CONFIG).is_file() and (path / artifact.WEIGHTS).is_file())
 
 
 @contextlib.contextmanager
@@ -95,7 +123,10 @@ def require_model_source(source: str | Path) -> None:
     """A clear error for a path that is neither an exported model nor a run or checkpoint: a typo gets
     "no such path" and the closest name beside it."""
     path = Path(source)
-    what = "an exported model directory (`odyssey export`), a run directory or one of its checkpoint_* directories"
+    what = (
+        "an exported model directory (`odyssey export`, or a Hugging Face Llama's), a run directory or one "
+        "of its checkpoint_* directories"
+    )
     if not path.exists():
         siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
         close = difflib.get_close_matches(path.name, siblings, n=1)

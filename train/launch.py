@@ -20,29 +20,61 @@ from pathlib import Path
 
 import yaml
 
-from odyssey import cluster, entrypoint, failpoints
+from odyssey import cluster, entrypoint, failpoints, hf
 from odyssey.config import load_config, to_dict
 from odyssey.errors import ConfigError, OdysseyError
-from odyssey.model import pad_vocab
+from odyssey.model import pad_vocab, tiny
 from train import mixture
 from train.config import CONFIG_DIR, TrainConfig, recipe_path
 
 log = logging.getLogger("train")
+FOLLOWS_DATA = ("vocab_size", "max_seq_len")  # model fields that resolve() sets from the data anyway
 
 
 def resolve(cfg: TrainConfig) -> tuple[TrainConfig, mixture.DataPlan]:
     """The one config of the run, resolved once on the driver: absolute paths (workers may run
-    elsewhere) and the model sized to the data (vocabulary, context). Workers, checkpoints, the run's
-    config.yaml and export all read this object. Returns it with the run's data plan."""
-    data = replace(
-        cfg.data, corpus=str(Path(cfg.data.corpus).resolve()), blocks=str(Path(cfg.data.blocks_dir).resolve())
-    )
+    elsewhere), the model of init.from when set, and the model sized to the data (vocabulary, context).
+    Workers, checkpoints, the run's config.yaml and export all read this object. Returns it with the
+    run's data plan."""
+    cfg = replace(cfg, data=replace(cfg.data, corpus=str(Path(cfg.data.corpus).resolve())))
+    if cfg.init.from_ is not None:
+        cfg = from_pretrained(cfg)
+    tokenizer = cfg.data.tokenizer and str(Path(cfg.data.tokenizer).resolve())
+    data = replace(cfg.data, tokenizer=tokenizer, blocks=str(Path(cfg.data.blocks_dir).resolve()))
     cfg = replace(cfg, data=data, storage=str(Path(cfg.storage).resolve()))
     plan = mixture.plan(cfg)
-    model = replace(
-        cfg.model, vocab_size=pad_vocab(plan.manifest["vocab_size"]), max_seq_len=cfg.data.seq_len
-    )
+    # A checkpoint's rows stay as they are (they may exceed the tokenizer's, padded its own way).
+    vocab = cfg.model.vocab_size if cfg.init.from_ else pad_vocab(plan.manifest["vocab_size"])
+    model = replace(cfg.model, vocab_size=vocab, max_seq_len=cfg.data.seq_len)
     return replace(cfg, model=model), plan
+
+
+def from_pretrained(cfg: TrainConfig) -> TrainConfig:
+    """init.from: the model's shape from the checkpoint's config.json, and its tokenizer (our control
+    tokens added if need be: odyssey/hf.py) written beside the corpus as the tokenizer the run packs its
+    blocks with (their default directory is named after it) and its checkpoints carry."""
+    source = Path(cfg.init.from_).resolve()
+    shape = [k for k, v in to_dict(cfg.model).items() if k not in FOLLOWS_DATA and v != to_dict(tiny())[k]]
+    if shape:
+        raise ConfigError(
+            f"init.from={source} sets the model from its config.json, but the config sets "
+            f"{', '.join('model.' + k for k in shape)}: remove them (or the `model:` section)"
+        )
+    if cfg.data.tokenizer is not None:
+        raise ConfigError(
+            f"init.from={source} brings its own tokenizer: remove data.tokenizer={cfg.data.tokenizer}"
+        )
+    model, tokenizer, _ = hf.pretrained_config(source)
+    if cfg.data.seq_len > model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the {model.max_seq_len} positions of {source} "
+            "(max_position_embeddings): lower data.seq_len"
+        )
+    path = Path(cfg.data.corpus) / "tokenizers" / f"{source.name}-{tokenizer.fingerprint[:12]}.json"
+    if not path.is_file():
+        tokenizer.save(path)
+    init = replace(cfg.init, from_=str(source))
+    return replace(cfg, init=init, model=model, data=replace(cfg.data, tokenizer=str(path)))
 
 
 def check_resources(cfg: TrainConfig) -> None:

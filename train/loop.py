@@ -117,7 +117,7 @@ class Worker:
         )
         with logs.cpu_accelerator(expect_gpu=cfg.scaling.use_gpu):
             self.engine, self.model, self.flops_per_token = build_engine(
-                cfg, cfg.model, self.world, self.resharded
+                cfg, cfg.model, self.world, self.resharded, pretrained=meta is None
             )
         self.device = self.engine.device
         self.step, self.tokens = 0, 0
@@ -273,7 +273,7 @@ class Worker:
             "val_loss": metrics["val_loss"],
             "metrics": metrics,
         }
-        tokenizer = Path(cfg.data.corpus) / "tokenizer.json"
+        tokenizer = Path(cfg.data.tokenizer_path)  # the run's: the corpus's, or init.from's
         checkpoint.save(
             self.engine, self.run_dir, self.step, metrics, meta, tokenizer if tokenizer.is_file() else None
         )

@@ -78,7 +78,7 @@ def prepare(cfg: TrainConfig) -> None:
     if not (corpus_dir / MANIFEST).is_file():
         log.info("preparing data: building the %s corpus in %s", cfg.data.prepare_preset, corpus_dir)
         build_corpus(corpus_dir, CorpusConfig.from_preset(cfg.data.prepare_preset, seed=cfg.seed))
-    tok_path = corpus_dir / "tokenizer.json"
+    tok_path = Path(cfg.data.tokenizer_path)
     if not tok_path.is_file():
         Tokenizer.train(texts(corpus_dir, "train"), cfg.data.vocab_size).save(tok_path)
     packing.pack_corpus(corpus_dir, Tokenizer.load(tok_path), cfg.data.seq_len, blocks_dir, seed=cfg.seed)
@@ -91,15 +91,31 @@ def read_manifest(cfg: TrainConfig) -> dict:
     if not path.is_file():
         raise ConfigError(
             f"data: no packed blocks at {blocks_dir}. Build them with `odyssey data build --out {cfg.data.corpus}`, "
-            f"`odyssey tokenizer train --corpus {cfg.data.corpus}` and `odyssey data pack --corpus {cfg.data.corpus} "
-            f"--seq-len {cfg.data.seq_len}`, or set data.prepare=true"
+            + ("" if cfg.data.tokenizer else f"`odyssey tokenizer train --corpus {cfg.data.corpus}`, ")
+            + f"{pack_command(cfg)}, or set data.prepare=true"
         )
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest["seq_len"] != cfg.data.seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} but {blocks_dir} holds blocks of {manifest['seq_len']} tokens"
         )
+    tok_path = Path(cfg.data.tokenizer_path)
+    if tok_path.is_file() and manifest.get("tokenizer_sha256") != Tokenizer.load(tok_path).fingerprint:
+        raise ConfigError(
+            f"data: {blocks_dir} was packed with another tokenizer than {tok_path}, the one this run uses: "
+            f"pack them again with {pack_command(cfg, '--overwrite')}, or set data.blocks to blocks of this tokenizer"
+        )
     return manifest
+
+
+def pack_command(cfg: TrainConfig, *flags: str) -> str:
+    """The `odyssey data pack` that makes the blocks this run reads."""
+    tokenizer = f" --tokenizer {cfg.data.tokenizer}" if cfg.data.tokenizer else ""
+    rest = "".join(f" {f}" for f in flags)
+    return (
+        f"`odyssey data pack --corpus {cfg.data.corpus}{tokenizer} --seq-len {cfg.data.seq_len} "
+        f"--out {cfg.data.blocks_dir}{rest}`"
+    )
 
 
 def mixture_tasks(cfg: TrainConfig, manifest: dict) -> dict[str, float]:

@@ -7,7 +7,8 @@
     odyssey model presets
     odyssey train --config RECIPE [--set k=v ...]      (= python -m train)
     odyssey tune --config SWEEP [--set k=v ...] [--transfer]  (= python -m tune)
-    odyssey export CHECKPOINT_OR_RUN --out DIR [--best] [--format safetensors|onnx] [--quantize int8]
+    odyssey export SOURCE --out DIR [--best] [--format safetensors|onnx|hf] [--quantize int8]
+                   (SOURCE: a checkpoint, a run, or a model directory: ours or a Hugging Face Llama's)
     odyssey serve --model DIR [--port N] [--set k=v ...]  |  odyssey serve key|stop
     odyssey cluster check [FILE ...]                    (`ray up` configs, KubeRay manifests)
     odyssey cluster local-up [--config cluster/fake-gpu.yaml]  |  odyssey cluster local-down
@@ -205,8 +206,14 @@ def _train_and_tune_parser(sub) -> None:
 
 def _export_parser(sub) -> None:
     """`odyssey export`"""
-    export = sub.add_parser("export", help="a training checkpoint -> safetensors + config + tokenizer")
-    export.add_argument("source", type=Path, help="a checkpoint_* directory or a run directory")
+    export = sub.add_parser(
+        "export", help="a training checkpoint -> safetensors + config + tokenizer (or Hugging Face's format)"
+    )
+    export.add_argument(
+        "source",
+        type=Path,
+        help="a checkpoint_* directory, a run directory, or a model directory (ours or a Hugging Face Llama's)",
+    )
     export.add_argument("--out", required=True, type=Path)
     export.add_argument(
         "--best", action="store_true", help="from a run: the lowest validation loss, not the latest"
@@ -214,9 +221,10 @@ def _export_parser(sub) -> None:
     export.add_argument("--overwrite", action="store_true")
     export.add_argument(
         "--format",
-        choices=["safetensors", "onnx"],
+        choices=["safetensors", "onnx", "hf"],
         default="safetensors",
-        help="onnx: also write model.onnx (KV-cache inputs/outputs) for `backend: onnxruntime`",
+        help="onnx: also write model.onnx (KV-cache inputs/outputs) for `backend: onnxruntime`; hf: Hugging "
+        "Face's Llama layout, for transformers' from_pretrained and vLLM",
     )
     export.add_argument(
         "--quantize", choices=["int8"], help="with --format onnx: int8 weights (dynamic quantization)"
@@ -235,7 +243,11 @@ def _serve_parser(sub) -> None:
         default="deploy",
         help="key: print the API key clients send (written first on a machine with none)",
     )
-    serve.add_argument("--model", type=Path, help="an exported model directory (`odyssey export`)")
+    serve.add_argument(
+        "--model",
+        type=Path,
+        help="an exported model directory (`odyssey export`) or a Hugging Face Llama directory",
+    )
     serve.add_argument("--port", type=int, help="HTTP port on loopback (default: the config's, 8000)")
     serve.add_argument("--config", type=Path, help="a Serve config (default: serve/config.yaml)")
     serve.add_argument(
@@ -346,10 +358,12 @@ def _model_presets(args) -> dict:
 
 
 def _export(args) -> dict:
-    from train.export import export
+    from train.export import export, export_hf
 
     if args.quantize and args.format != "onnx":
         raise OdysseyError("--quantize applies to --format onnx only")
+    if args.format == "hf":
+        return {"model": str(export_hf(args.source, args.out, args.best, args.overwrite))}
     out = export(
         args.source, args.out, args.best, args.overwrite, onnx=args.format == "onnx", quantize=args.quantize
     )
