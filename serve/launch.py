@@ -144,7 +144,11 @@ def probe(base: str, headers: dict) -> dict[str, int]:
         ("POST", "/v1/find", {"query": "ready?", "k": 1}),
         ("POST", "/v1/code", {"prompt": "ready?", "max_tokens": 1}),
         ("POST", "/v1/completions", {"prompt": "ready?", "max_tokens": 1}),
-        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1}),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1},
+        ),
         ("POST", "/v1/embeddings", {"input": "ready?"}),
     ]
     logging.getLogger("httpx").setLevel(logging.WARNING)
