@@ -48,6 +48,7 @@ class ModelConfig:
     # µP (maximal update parametrization): hyperparameters tuned at width `mup_base_width` transfer to
     # wider models. It rescales hidden-matrix init, their Adam learning rate, the attention scale and
     # the output logits by the width multiplier d_model / mup_base_width (see init_weights, param_groups).
+    # Its readout is a matrix of its own (the mup package's MuReadout), so tie_embeddings must be false.
     mup: bool = False
     mup_base_width: int = 256
 
@@ -73,6 +74,13 @@ class ModelConfig:
             raise ConfigError(f"ffn_hidden must be positive or null, got {self.ffn_hidden}")
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError("init_std, norm_eps and rope_theta must be positive")
+        if self.mup and self.tie_embeddings:
+            # Measured (bench/tune_efficiency.py): tied, the one matrix that embeds the input and scores the
+            # output trains worse at width 512 than at 64 under the same learning rate; untied, wider is better.
+            raise ConfigError(
+                "mup: true needs its own readout matrix: set tie_embeddings: false (a tied embedding does not "
+                "transfer its learning rate across widths)"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -31,8 +31,7 @@ import transformers  # after HF_HUB_OFFLINE: it reads the variable on import
 VARIANTS = {  # ModelConfig changes: tied with grouped-query attention; untied; µP (folded on export)
     "tied-gqa": {"n_kv_head": 2},
     "untied": {"tie_embeddings": False},
-    "mup": {"mup": True, "mup_base_width": 32},  # width multiplier 4 (greedy: repeats its token at init)
-    "mup-untied": {"mup": True, "mup_base_width": 32, "tie_embeddings": False},
+    "mup": {"mup": True, "mup_base_width": 32, "tie_embeddings": False},  # width multiplier 4
 }
 
 

@@ -193,13 +193,37 @@ def test_config_errors_say_the_fix():
         ModelConfig.from_preset("gpt-2")
 
 
-def test_mup_scales_hidden_learning_rates_and_init():
-    wide = replace(CFG, d_model=256, mup=True, mup_base_width=64)  # width multiplier 4
+def test_mup_parametrization_scales_by_the_width_multiplier():
+    """µP (Tensor Programs V, Table 3, as the mup package's MuReadout and MuAdam): hidden matrices start
+    at init_std / sqrt(m) and take lr / m; the embedding and the readout start at init_std and take the
+    full lr; the readout's logits are divided by m; attention scores by the head width, not its root."""
+    wide = replace(CFG, d_model=256, n_head=16, mup=True, mup_base_width=64, tie_embeddings=False)  # m = 4
     model = make(wide)
-    groups = model.param_groups(weight_decay=0.1)
-    hidden = next(g for g in groups if g["weight_decay"] > 0)
-    assert hidden["lr_scale"] == pytest.approx(0.25)
-    assert all(g["lr_scale"] == 1.0 for g in groups if g is not hidden)
-    std = model.blocks[0].attn.wq.weight.std().item()
-    assert std == pytest.approx(CFG.init_std / 2, rel=0.1)  # init_std / sqrt(m)
-    assert make(replace(wide, mup=False)).param_groups(0.1)[0]["lr_scale"] == 1.0
+    groups = {g["lr_scale"]: g for g in model.param_groups(weight_decay=0.1)}
+    assert sorted(groups) == [0.25, 1.0]
+    hidden = groups[0.25]
+    assert {id(p) for p in hidden["params"]} == {
+        id(p)
+        for n, p in model.named_parameters()
+        if p.ndim == 2 and n not in ("tok_emb.weight", "lm_head.weight")
+    }
+    assert hidden["weight_decay"] == 0.1
+    readout = next(g for g in model.param_groups(0.1) if any(p is model.lm_head.weight for p in g["params"]))
+    assert readout["lr_scale"] == 1.0 and readout["weight_decay"] == 0.0
+    std = {n: p.std().item() for n, p in model.named_parameters()}
+    assert std["blocks.0.attn.wq.weight"] == pytest.approx(CFG.init_std / 2, rel=0.05)  # / sqrt(m)
+    assert std["blocks.0.ffn.w2.weight"] == pytest.approx(CFG.init_std / 2 / 2, rel=0.05)  # and / sqrt(2 L)
+    assert std["lm_head.weight"] == pytest.approx(CFG.init_std, rel=0.05)
+    assert std["tok_emb.weight"] == pytest.approx(CFG.init_std, rel=0.05)
+    h = torch.randn(2, 3, 256)
+    assert torch.allclose(
+        model.logits(h), h @ model.lm_head.weight.T / 4, atol=1e-6
+    )  # the readout multiplier
+    assert model.blocks[0].attn.scale == 1 / 16
+    sp = make(replace(wide, mup=False))
+    assert {g["lr_scale"] for g in sp.param_groups(0.1)} == {1.0} and sp.blocks[0].attn.scale == 0.25
+    assert torch.allclose(sp.logits(h), h @ sp.lm_head.weight.T, atol=1e-6)
+    with pytest.raises(
+        ConfigError, match="mup: true needs its own readout matrix: set tie_embeddings: false"
+    ):
+        replace(wide, tie_embeddings=True)

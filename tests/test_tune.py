@@ -1,5 +1,6 @@
 """Sweeps for real: Ray Tune trials that are Ray Train + DeepSpeed runs of the tiny model on the session's
-local cluster; ASHA stopping trials; the best recipe trained again; a sweep process killed mid-way and
+local cluster; successive halving (the default) pausing the cohort at each rung and stopping all but
+the best; the best recipe trained again; a sweep process killed mid-way and
 resumed without rerunning finished trials; a bad space refused by the CLI before any trial."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 from odyssey.config import from_dict, load_config
 from odyssey.errors import ConfigError
-from train import launch
+from train import checkpoint, launch
 from train.config import TrainConfig
 from tune import sweep
 from tune.config import SweepConfig
@@ -49,16 +50,17 @@ def sweep_data(corpus_dir, storage, name, **sections) -> dict:
 
 
 @pytest.fixture(scope="module")
-def asha_sweep(ray_cluster, blocks_dir, corpus_dir, tmp_path_factory):
-    """Four learning rates, two far too small, two trials at a time, ASHA halving at 1/4 and 1/2 of the tokens."""
+def halving_sweep(ray_cluster, blocks_dir, corpus_dir, tmp_path_factory):
+    """Four learning rates, two far too small, proposed at random (each once), two trials at a time;
+    successive halving at 1/4 and 1/2 of the steps keeping the best half (the default search otherwise)."""
     storage = tmp_path_factory.mktemp("tune")
     data = sweep_data(
         corpus_dir,
         storage,
-        "asha",
-        space={"optim.lr": {"grid": [3e-3, 1e-2, 1e-4, 1e-5]}},
-        search={"algorithm": "grid"},
-        scheduler={"kind": "asha", "grace_fraction": 0.25, "reduction_factor": 2},
+        "halving",
+        space={"optim.lr": {"choice": [3e-3, 1e-2, 1e-4, 1e-5]}},
+        scheduler={"grace_fraction": 0.25, "reduction_factor": 2},
+        budget={"trials": 4},
         trial={"max_concurrent": 2},
     )
     summary = sweep.run(from_dict(SweepConfig, data))
@@ -66,26 +68,37 @@ def asha_sweep(ray_cluster, blocks_dir, corpus_dir, tmp_path_factory):
     return data, summary, rows
 
 
-def test_asha_sweep_completes_and_stops_trials_early(asha_sweep):
-    _, summary, rows = asha_sweep
+def _events(summary, row) -> list[dict]:
+    path = Path(summary["sweep_dir"]) / "trials" / row["trial_id"] / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_halving_sweep_cuts_the_cohort_at_each_rung(halving_sweep):
+    _, summary, rows = halving_sweep
     assert len(rows) == 4 and summary["trials"]["error"] == 0
     by_lr = {r["params"]["optim.lr"]: r for r in rows}
-    assert set(by_lr) == {3e-3, 1e-2, 1e-4, 1e-5}
-    stopped = [r for r in rows if r["state"] == "stopped"]
-    assert stopped and summary["trials"]["completed"] >= 1
-    for r in stopped:
-        assert r["tokens"] < r["planned_tokens"] == STEPS * 2048
-    assert by_lr[1e-5]["state"] == "stopped"  # barely moves from its initial loss: the first to go
-    assert summary["tokens"] == sum(r["tokens"] for r in rows) < 4 * STEPS * 2048
-    # Every trial was a real training run: its own run directory, with the per-step metrics it trained.
+    assert set(by_lr) == {3e-3, 1e-2, 1e-4, 1e-5}  # each point once
+    # All four to step 4; the best two to step 8; the best one to the end (16). Each trial stops exactly
+    # at its rung: the cut waits for the whole cohort there.
+    assert sorted(r["tokens"] // 2048 for r in rows) == [4, 4, 8, 16]
+    assert [r["state"] for r in rows].count("completed") == 1
+    assert by_lr[1e-5]["tokens"] == by_lr[1e-4]["tokens"] == 4 * 2048  # barely move: the first cut
+    assert summary["tokens"] == sum(r["tokens"] for r in rows) == (4 * 4 + 2 * 4 + 8) * 2048
     for r in rows:
+        # Every trial was a real training run, with the per-step metrics it trained...
         metrics = Path(summary["sweep_dir"]) / "trials" / r["trial_id"] / "metrics.jsonl"
         steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-        assert steps[-1] * 2048 >= r["tokens"]
+        assert steps[-1] * 2048 == r["tokens"]
+    # A survivor that waited at a rung went on from the checkpoint its run wrote there, never from scratch
+    # (the trial whose report completes a rung's cohort goes straight on).
+    events = [e for r in rows for e in _events(summary, r)]
+    assert [e["event"] for e in events].count("start") == 4
+    resumed = [e["checkpoint"] for e in events if e["event"] == "resume"]
+    assert resumed and set(resumed) <= {checkpoint.name(4), checkpoint.name(8)}
 
 
-def test_sweep_writes_table_plot_and_the_best_recipe(asha_sweep):
-    _, summary, rows = asha_sweep
+def test_sweep_writes_table_plot_and_the_best_recipe(halving_sweep):
+    _, summary, rows = halving_sweep
     out = Path(summary["sweep_dir"])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "trials.md").read_text()
@@ -94,12 +107,12 @@ def test_sweep_writes_table_plot_and_the_best_recipe(asha_sweep):
     best = min(completed, key=lambda r: r["last"])
     assert summary["best"]["params"] == best["params"]
     recipe = load_config(TrainConfig, out / "best.yaml")
-    assert recipe.optim.lr == best["params"]["optim.lr"] and recipe.name == "asha-best"
+    assert recipe.optim.lr == best["params"]["optim.lr"] and recipe.name == "halving-best"
     assert recipe.steps == STEPS and recipe.scaling.workers == 1
 
 
-def test_best_recipe_trains_and_reproduces_its_trial(asha_sweep, tmp_path):
-    _, summary, _rows = asha_sweep
+def test_best_recipe_trains_and_reproduces_its_trial(halving_sweep, tmp_path):
+    _, summary, _rows = halving_sweep
     recipe = load_config(TrainConfig, Path(summary["sweep_dir"]) / "best.yaml", [f"storage={tmp_path}"])
     result = launch.run(recipe)
     assert result["steps"] == STEPS and result["final_loss"] < result["first_loss"]
@@ -107,10 +120,10 @@ def test_best_recipe_trains_and_reproduces_its_trial(asha_sweep, tmp_path):
     assert result["val_loss"]["mean"] == pytest.approx(summary["best"]["val_loss"], rel=0.02)
 
 
-def test_finished_sweep_resumes_as_a_no_op(asha_sweep):
+def test_finished_sweep_resumes_as_a_no_op(halving_sweep):
     import ray
 
-    data, summary, rows = asha_sweep
+    data, summary, rows = halving_sweep
     marks = {
         r["trial_id"]: (Path(summary["sweep_dir"]) / "trials" / r["trial_id"] / "metrics.jsonl").read_bytes()
         for r in rows
@@ -126,8 +139,8 @@ def test_finished_sweep_resumes_as_a_no_op(asha_sweep):
     assert ray.available_resources().get("CPU", 0) == 4
 
 
-def test_a_different_sweep_under_the_same_name_is_refused(asha_sweep):
-    data, _summary, _rows = asha_sweep
+def test_a_different_sweep_under_the_same_name_is_refused(halving_sweep):
+    data, _summary, _rows = halving_sweep
     changed = from_dict(SweepConfig, {**data, "train": {**data["train"], "steps": 8}})
     with pytest.raises(ConfigError, match="holds a sweep with other settings"):
         sweep.run(changed)

@@ -22,6 +22,7 @@ def test_shipped_sweeps_plan():
     assert [q.field for q in p.params] == ["optim.lr", "optim.warmup_steps", "optim.weight_decay"]
     assert p.base["scaling"]["workers"] == 1  # the trial's resources replace the recipe's scaling
     assert p.trial_tokens == 48 * 2048
+    assert p.rungs == [6 * 2048, 18 * 2048]  # halving: 1/8 of the steps, then x3
     big = sweep.plan(load_config(SweepConfig, sweep_path("gpt-350m-mup")), transfer=True)
     assert big.base["model"]["d_model"] == 256 and big.target["model"]["d_model"] == 1024
     assert big.base["model"]["mup"] and big.target["model"]["mup_base_width"] == 256
@@ -53,7 +54,10 @@ def test_shipped_sweeps_plan():
             "space.model.n_head={choice: [4, 5]}",
             r"space\.model\.n_head: .*d_model=128 is not divisible by n_head=5",
         ),
-        ("space.model.d_model={grid: [64, 128]}", r"space\.model\.d_model: optuna samples its own points"),
+        (
+            "search.algorithm=optuna",
+            r"search\.algorithm=optuna learns from finished trials.*or scheduler\.kind=asha",
+        ),
         ("space={}", r"space: give at least one field"),
         ("metric=accuracy", r"metric 'accuracy' is not reported"),
         ("train.optim.lrr=0.1", r"train: unknown field 'optim\.lrr'"),
@@ -79,8 +83,22 @@ def test_discrete_values_are_checked_together():
 def test_grid_needs_lists_and_transfer_refuses_width_fields():
     with pytest.raises(ConfigError, match=r"space\.optim\.lr: search grid needs a list"):
         plan("search.algorithm=grid")
+    with pytest.raises(ConfigError, match=r"space\.model\.d_model: optuna samples its own points"):
+        plan("search.algorithm=optuna", "scheduler.kind=asha", "space.model.d_model={grid: [64, 128]}")
     with pytest.raises(ConfigError, match=r"space\.model\.d_model: --transfer tunes at one proxy width"):
         plan("space.model.d_model={choice: [64, 128]}", transfer=True)
+
+
+def test_random_search_over_lists_proposes_each_combination_once():
+    lists = "space={optim.lr: {choice: [1e-3, 2e-3, 4e-3]}, optim.warmup_steps: {choice: [0, 8]}}"
+    points = {
+        seed: sweep._distinct_points(plan(lists, "budget.trials=4", f"search.seed={seed}")) for seed in (0, 1)
+    }
+    for chosen in points.values():
+        assert len(chosen) == 4 and len({tuple(sorted(c.items())) for c in chosen}) == 4
+    assert points[0] != points[1]  # the seed picks which
+    assert len(sweep._distinct_points(plan(lists, "budget.trials=50"))) == 6  # no more than the space holds
+    assert sweep._distinct_points(plan()) is None  # ranges: Tune samples them
 
 
 def test_mup_pair_keeps_head_width_and_everything_else():

@@ -37,7 +37,11 @@ from train.metrics import RunLog, console, memory_gb, peak_flops_per_device
 def train_loop_per_worker(config: dict) -> None:
     worker = Worker(config)  # resumed from the newest intact checkpoint, if any
     cadence = Cadence(
-        worker.cfg.steps, worker.cfg.log_every, worker.cfg.eval_every, worker.cfg.checkpoint_every
+        worker.cfg.steps,
+        worker.cfg.log_every,
+        worker.cfg.eval_every,
+        worker.cfg.checkpoint_every,
+        frozenset(worker.cfg.checkpoint_at),
     )
     while worker.step < worker.cfg.steps:
         worker.train_step()
@@ -55,12 +59,13 @@ class Cadence:
     log_every: int
     eval_every: int
     checkpoint_every: int
+    checkpoint_at: frozenset[int] = frozenset()  # more steps that checkpoint (a sweep's rungs)
 
     def logs(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.steps
 
     def saves(self, step: int) -> bool:
-        return step % self.checkpoint_every == 0 or step == self.steps
+        return step % self.checkpoint_every == 0 or step == self.steps or step in self.checkpoint_at
 
     def evaluates(self, step: int) -> bool:
         return step % self.eval_every == 0 or self.saves(step)

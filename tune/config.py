@@ -23,19 +23,23 @@ METRICS = ("val_loss", "loss", *(f"val_loss_{t}" for t in TASKS))
 
 @dataclass
 class SearchConfig:
-    # random: Tune's random sampling (the baseline); optuna: TPE, which learns from finished trials;
+    # random: seeded random proposals; when every searched field is a list, distinct combinations (no
+    # point twice). optuna: TPE (multivariate, few start-up trials), which learns from finished trials:
+    # use it with asha or fifo, as halving's cohort is proposed before any trial finishes.
     # grid: every combination of the listed values (exhaustive, the reference).
-    algorithm: Literal["optuna", "random", "grid"] = "optuna"
+    algorithm: Literal["random", "optuna", "grid"] = "random"
     seed: int = 0
 
 
 @dataclass
 class SchedulerConfig:
-    # asha: asynchronous successive halving. At each rung (grace, grace x factor, ... tokens) a trial goes
-    # on only if its metric is in the best 1/factor of what other trials reported there; fifo: no stopping.
-    kind: Literal["asha", "fifo"] = "asha"
-    grace_fraction: float = 0.25  # first rung, as a share of a trial's tokens
-    reduction_factor: float = 2.0
+    # halving: synchronous successive halving (tune/halving.py). The whole cohort trains to the first rung
+    # (grace x a trial's tokens) and waits; the best 1/factor go on to the next rung (x factor), the
+    # others stop. asha: the asynchronous variant (a trial goes on if it is in the best 1/factor of what
+    # has reported at the rung so far); for large sweeps on many GPUs. fifo: no stopping.
+    kind: Literal["halving", "asha", "fifo"] = "halving"
+    grace_fraction: float = 0.125  # first rung, as a share of a trial's tokens
+    reduction_factor: float = 3.0
 
     def __post_init__(self) -> None:
         if not 0 < self.grace_fraction <= 1:
@@ -146,6 +150,7 @@ class Plan:
     base: dict[str, Any]  # the trials' training config as plain data, before the searched values
     params: list[space.Param]
     trial_tokens: int  # the most tokens one trial may train (ASHA's max_t)
+    rungs: list[int] = field(default_factory=list)  # halving: tokens where the cohort is cut
     target: dict[str, Any] | None = None  # --transfer: the wide model's training config (plain data)
 
     @property

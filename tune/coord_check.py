@@ -39,7 +39,8 @@ def coord_check(
     seeds: tuple[int, ...] = (0, 1),
 ) -> CoordCheck:
     """For each width (head width fixed, base width = the narrowest), `steps` AdamW steps on one random
-    batch, then the mean |x| of the embedding output, each block's output and the logits, averaged over seeds."""
+    batch, then the mean |x| of the embedding output, each block's output and the logits, averaged over seeds.
+    Both parametrizations with an untied readout, as µP requires."""
     out = CoordCheck(sorted(widths), mup)
     gen = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, base.vocab_size, (batch, seq_len + 1), generator=gen)
@@ -54,6 +55,7 @@ def coord_check(
             max_seq_len=max(base.max_seq_len, seq_len),
             mup=mup,
             mup_base_width=out.widths[0],
+            tie_embeddings=False,  # µP's readout is its own matrix; the standard model alike, for the contrast
         )
         per_seed = [_scales(cfg, inputs, targets, steps, lr, seed) for seed in seeds]
         for layer in per_seed[0]:

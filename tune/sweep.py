@@ -30,7 +30,7 @@ from odyssey.errors import ConfigError
 from odyssey.model import ModelConfig
 from train import mixture
 from train.config import TrainConfig, recipe_path
-from tune import results, space
+from tune import halving, results, space
 from tune.config import CONFIG_DIR, Plan, SweepConfig, sweep_path
 
 log = logging.getLogger("tune")
@@ -72,12 +72,24 @@ def plan(cfg: SweepConfig, transfer: bool = False) -> Plan:
         target = to_dict(replace(recipe, model=wide))
     base = to_dict(trials)
     params = space.parse_space(cfg.space, cfg.search.algorithm, base)
-    return Plan(cfg, transfer, sweep_dir, base, params, _most_tokens(base, params), target)
+    most = _most_tokens(base, params)
+    rungs = []
+    if cfg.scheduler.kind == "halving":
+        if cfg.search.algorithm == "optuna":
+            raise ConfigError(
+                "search.algorithm=optuna learns from finished trials, but scheduler.kind=halving proposes its whole "
+                "cohort before any finishes; use search.algorithm=random (or grid), or scheduler.kind=asha"
+            )
+        steps = halving.rung_steps(
+            base["steps"], cfg.scheduler.grace_fraction, cfg.scheduler.reduction_factor
+        )
+        rungs = [most * s // base["steps"] for s in steps]
+    return Plan(cfg, transfer, sweep_dir, base, params, most, rungs, target)
 
 
 def mup_pair(model: ModelConfig, proxy_width: int | None) -> tuple[ModelConfig, ModelConfig]:
-    """(proxy, target) for µP transfer: both under µP with the proxy's width as base width (there the
-    proxy is exactly the standard model), heads of the same width, every other field the target's."""
+    """(proxy, target) for µP transfer: both under µP with the proxy's width as base width, heads of the
+    same width, a readout of their own (µP's, untied from the embedding), every other field the target's."""
     head_dim = model.head_dim
     width = proxy_width or max(head_dim, model.d_model // 4 // head_dim * head_dim)
     if width % head_dim or width > model.d_model:
@@ -90,11 +102,18 @@ def mup_pair(model: ModelConfig, proxy_width: int | None) -> tuple[ModelConfig, 
     ffn = None if model.ffn_hidden is None else model.ffn_hidden * width // model.d_model
     try:
         proxy = replace(
-            model, d_model=width, n_head=heads, n_kv_head=kv, ffn_hidden=ffn, mup=True, mup_base_width=width
+            model,
+            d_model=width,
+            n_head=heads,
+            n_kv_head=kv,
+            ffn_hidden=ffn,
+            mup=True,
+            mup_base_width=width,
+            tie_embeddings=False,
         )
     except ConfigError as e:
         raise ConfigError(f"transfer.proxy_width={width}: {e}") from None
-    return proxy, replace(model, mup=True, mup_base_width=width)
+    return proxy, replace(model, mup=True, mup_base_width=width, tie_embeddings=False)
 
 
 def _train_config(data: dict, where: str) -> TrainConfig:
@@ -180,7 +199,6 @@ def _concurrency(cfg: SweepConfig, need_cpu: float) -> int:
 
 def _tuner(p: Plan, concurrency: int):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -189,7 +207,7 @@ def _tuner(p: Plan, concurrency: int):
 
     cfg = p.cfg
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=p.base, trials_dir=str(p.trials_dir)),
+        tune.with_parameters(run_trial, base=p.base, trials_dir=str(p.trials_dir), rungs=p.rungs),
         # The trial's process only drives its TorchTrainer: a sliver of a CPU (Tune refuses none); the
         # workers hold the resources, and max_concurrent_trials keeps trials from outnumbering them.
         {"CPU": 0.01},
@@ -199,21 +217,21 @@ def _tuner(p: Plan, concurrency: int):
         return tune.Tuner.restore(str(p.sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
 
     algorithm = cfg.search.algorithm
+    samples = 1 if algorithm == "grid" else cfg.budget.trials
+    points = _distinct_points(p) if algorithm == "random" else None
+    if points is not None:
+        samples = len(points)
+    scheduler = _scheduler(p, samples, concurrency)
     if algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed), max_concurrent=concurrency)
-    else:  # Tune's max_concurrent_trials does not reach this one: it takes its own cap
-        search_alg = BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrency)
-    if cfg.scheduler.kind == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="tokens",
-            max_t=p.trial_tokens,
-            grace_period=max(1, int(cfg.scheduler.grace_fraction * p.trial_tokens)),
-            reduction_factor=cfg.scheduler.reduction_factor,
+        search_alg = ConcurrencyLimiter(_optuna(cfg), max_concurrent=concurrency)
+    elif isinstance(scheduler, halving.SuccessiveHalving):  # paused trials must not count as running
+        search_alg = halving.GatedVariants(
+            scheduler.full, random_state=cfg.search.seed, points_to_evaluate=points
         )
-    else:
-        scheduler = FIFOScheduler()
+    else:  # Tune's max_concurrent_trials does not reach this one: it takes its own cap
+        search_alg = BasicVariantGenerator(
+            random_state=cfg.search.seed, max_concurrent=concurrency, points_to_evaluate=points
+        )
     return tune.Tuner(
         trainable,
         param_space={q.field: q.to_tune(algorithm) for q in p.params},
@@ -222,7 +240,7 @@ def _tuner(p: Plan, concurrency: int):
             mode=cfg.mode,
             search_alg=search_alg,
             scheduler=scheduler,
-            num_samples=1 if algorithm == "grid" else cfg.budget.trials,
+            num_samples=samples,
             time_budget_s=cfg.budget.time_s,
         ),
         run_config=tune.RunConfig(
@@ -233,6 +251,50 @@ def _tuner(p: Plan, concurrency: int):
             verbose=1,
         ),
     )
+
+
+def _distinct_points(p: Plan) -> list[dict] | None:
+    """Random search over lists only: up to budget.trials distinct combinations in a seeded order (Tune's
+    own sampling draws with replacement and would train some points twice). None: a range is searched."""
+    import itertools
+    import random
+
+    if not all(q.discrete for q in p.params):
+        return None
+    combos = [
+        dict(zip((q.field for q in p.params), v)) for v in itertools.product(*(q.values for q in p.params))
+    ]
+    random.Random(p.cfg.search.seed).shuffle(combos)
+    if len(combos) < p.cfg.budget.trials:
+        log.info("the space holds %d combinations: %d trials, each once", len(combos), len(combos))
+    return combos[: p.cfg.budget.trials]
+
+
+def _optuna(cfg: SweepConfig):
+    """TPE that starts learning early: a quarter of the trials (at least 2) random, then proposals from a
+    joint model of the fields (multivariate) rather than one per field (Optuna's default: 10 random)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    startup = max(2, cfg.budget.trials // 4)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True, seed=cfg.search.seed)
+    return OptunaSearch(sampler=sampler)
+
+
+def _scheduler(p: Plan, cohort: int, concurrency: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    cfg = p.cfg.scheduler
+    if cfg.kind == "halving":
+        return halving.SuccessiveHalving(p.rungs, cfg.reduction_factor, cohort, concurrency)
+    if cfg.kind == "asha":
+        return ASHAScheduler(
+            time_attr="tokens",
+            max_t=p.trial_tokens,
+            grace_period=max(1, int(cfg.grace_fraction * p.trial_tokens)),
+            reduction_factor=cfg.reduction_factor,
+        )
+    return FIFOScheduler()
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
