@@ -41,7 +41,7 @@ bench-train: $(STAMP)  # ~25 minutes on 2 cores
 bench-serve: $(STAMP)  # ~10 minutes on 2 cores
 	$(BIN)/python bench/serve_load.py $(ARGS)
 
-bench-tune: $(STAMP)  # ~25 minutes on 2 cores
+bench-tune: $(STAMP)  # ~60 minutes on 2 cores
 	$(BIN)/python bench/tune_efficiency.py $(ARGS)
 
 bench-elastic: $(STAMP)  # ~6 minutes on 2 cores

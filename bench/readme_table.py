@@ -76,10 +76,15 @@ def serve_load(f: dict) -> list[tuple]:
 
 
 def tune_efficiency(f: dict) -> list[tuple]:
-    grid, asha = f["sweeps"]["grid"], f["sweeps"]["optuna-asha"]
+    sweeps, v = f["sweeps"], f["mup"]["verdict"]
+    halving = [r for name, r in sweeps.items() if name.startswith("random-halving")]
+    tokens = sorted(r["tokens"] for r in halving)[len(halving) // 2]
+    gap = sorted(r["loss_vs_grid"] for r in halving)[len(halving) // 2]
+    gain = v["mean"]["64"] - v["mean"]["512"]
     return [
-        ("sweep: Optuna + ASHA vs full grid, tokens to the same best loss", _k(asha["tokens"]), _k(grid["tokens"]), grid["tokens"] / asha["tokens"]),
-        ("µP: shift of the best learning rate over 16x width (grid steps)", f"{f['mup']['best']['mup']['shift_steps']}", f"SP {f['mup']['best']['sp']['shift_steps']}", None),
+        (f"sweep: random + successive halving vs full grid, tokens (median of {len(halving)} seeds; {gap:+.1%} loss)", _k(tokens), _k(sweeps["grid"]["tokens"]), sweeps["grid"]["tokens"] / tokens),
+        ("µP: val loss 64 -> 512 wide at width 64's best lr (nats; mean of 2 seeds; seed spread)", f"-{gain:.3f}", f"spread {max(v['spread'].values()):.3f}", None),
+        ("µP: shift of the best learning rate over 8x width (x2 grid steps)", f"{v['shift_steps']['mup']}", f"SP {2 * v['shift_steps']['sp']}", None),
     ]  # fmt: skip
 
 

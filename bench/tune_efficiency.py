@@ -370,7 +370,9 @@ def mup_rows(m: dict) -> list[tuple]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sweeps", "mup", "both"], default="both")
+    parser.add_argument(
+        "--part", choices=["sweeps", "mup", "both", "report"], default="both", help="report: rewrite md/png"
+    )
     parser.add_argument("--steps", type=int, default=48, help="training steps of one full trial")
     parser.add_argument("--trials", type=int, default=10, help="trials of each sampled sweep")
     parser.add_argument("--mup-steps", type=int, default=MUP_STEPS)
@@ -381,9 +383,11 @@ def main() -> None:
     args = parser.parse_args()
 
     previous = report.RESULTS / "tune_efficiency.json"
-    figures = (
-        json.loads(previous.read_text())["figures"] if previous.is_file() and args.part != "both" else {}
-    )
+
+    def stored() -> dict:
+        return json.loads(previous.read_text())["figures"] if previous.is_file() else {}
+
+    figures = stored() if args.part != "both" else {}
     if args.part in ("sweeps", "both"):
         from odyssey import cluster
 
@@ -396,6 +400,14 @@ def main() -> None:
             cluster.disconnect()
     if args.part in ("mup", "both"):
         figures["mup"] = mup_curves(args.mup_steps, args.mup_batch)
+    now = stored()  # what this run computed, with its commit; the other part as stored now
+    commits = dict(now.get("commits", {}))
+    for part in ("sweeps", "mup"):
+        if args.part in (part, "both"):
+            commits[part] = report.STARTED["sha"]
+        elif part in now:
+            figures[part] = now[part]
+    figures["commits"] = commits
 
     targets = {
         "loss_vs_grid_median_max": 0.02,
@@ -411,7 +423,8 @@ def main() -> None:
         figures,
         targets,
         table,
-        notes="Plot: bench/results/tune_efficiency.png. Sweeps: tiny-cpu trials of 48 steps, one worker each, two "
+        notes=f"Commits: sweeps {commits.get('sweeps', '?')}, µP {commits.get('mup', '?')}. "
+        "Plot: bench/results/tune_efficiency.png. Sweeps: tiny-cpu trials of 48 steps, one worker each, two "
         "at a time, on 2 cores; halving cuts at 4, 12 and 36 steps keeping the best third. µP: "
         f"{MUP_LAYERS} layers, head width {MUP_HEAD}, base width {MUP_WIDTHS[0]}, "
         f"{figures.get('mup', {}).get('steps')} steps of {figures.get('mup', {}).get('batch')} sequences.",

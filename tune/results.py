@@ -6,7 +6,7 @@
                               `python -m train --config runs/tune/NAME/best.yaml`
     best-target.yaml          --transfer: the same hyperparameters on the recipe's wide µP model
 
-A trial's state: `completed` (trained all its tokens), `stopped` (ASHA or a budget ended it early), or
+A trial's state: `completed` (trained all its tokens), `stopped` (halving, ASHA or a budget ended it early), or
 `error` (its message kept, e.g. a diverged loss).
 """
 

@@ -7,7 +7,7 @@ Top to bottom:
               (paths made absolute: trials run in other processes, from other directories); the space
               checked against it; with --transfer the model narrowed to the µP proxy.
     run       data prepared once on the driver; Ray reached (embedded cluster by default); a Tuner built
-              (search algorithm, ASHA on tokens trained, concurrency capped to the cluster, token and
+              (search algorithm, successive halving or ASHA on tokens trained, concurrency capped to the cluster, token and
               time budgets) or, when the sweep directory already holds this sweep, restored: finished
               trials are kept, unfinished ones restart (their training runs resume from checkpoints).
     report    tune/results.py: the trials table, the metric-vs-hyperparameter PNG, the best recipe.
@@ -146,7 +146,12 @@ def run(cfg: SweepConfig, transfer: bool = False, address: str | None = None) ->
     )
     cluster.keep_ray_helpers_here()  # before any trial does: they would pin them to its node
     tuner = _tuner(p, _concurrency(cfg, need_cpu))
-    grid = tuner.fit()
+    # A sweep that already reported (trials.json) is finished: read its trials back, train nothing. Its
+    # experiment state may still list a trial that halving paused at its end as unfinished.
+    from ray import tune
+
+    finished = (p.sweep_dir / "trials.json").is_file() and tune.Tuner.can_restore(str(p.sweep_dir))
+    grid = tuner.get_results() if finished else tuner.fit()
     rows = results.collect(grid, p)
     return results.report(rows, p)
 
@@ -303,7 +308,7 @@ def _scheduler(p: Plan, cohort: int, concurrency: int):
 def main(argv: list[str] | None = None) -> int:
     parser = entrypoint.parser(
         "python -m tune",
-        "Sweep training hyperparameters with Ray Tune (ASHA, Optuna, µP transfer).",
+        "Sweep training hyperparameters with Ray Tune (successive halving, ASHA, Optuna, µP transfer).",
         "sweep",
         CONFIG_DIR,
         "tiny-lr",

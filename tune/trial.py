@@ -3,7 +3,7 @@
 Runs inside the Tune trial's process (Ray Train V2 style): it builds the trial's training config and
 launches a TorchTrainer, whose worker group (1 worker for proxies, more for ZeRO-sharded runs) is
 placed by Ray beside the other trials'. Every `ray.train.report` of the training loop (at evaluations
-and checkpoints) reaches Tune through TuneReportCallback, so ASHA sees the validation loss as it falls
+and checkpoints) reaches Tune through TuneReportCallback, so the scheduler (halving, ASHA) sees the validation loss as it falls
 and can stop the trial; stopping the trial ends its worker group with it.
 
 The training run is named after the trial and kept under the sweep directory: a sweep resumed after an
