@@ -201,24 +201,26 @@ def mup_curves(steps: int, batch: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     data = mup_data()
     lrs = {"mup": MUP_LRS, "sp": SP_LRS}
-    curves: dict = {"mup": {}, "sp": {}}
-    for param in ("mup", "sp"):
-        for width in MUP_WIDTHS:
-            curves[param][str(width)] = []
-            for lr in lrs[param]:
-                t0 = time.perf_counter()
-                loss = train_once(data, param == "mup", width, lr, 0, steps, batch)
-                curves[param][str(width)].append(loss)
-                print(
-                    f"{param} width {width} lr {lr:.2e}: val loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
+    done = _runs_done()
+
+    def run(param: str, width: int, lr: float, seed: int) -> float:
+        """One run, or its loss from an interrupted run of this bench (runs/bench-tune/mup-runs.jsonl)."""
+        key = f"{param} {width} {lr!r} {seed} {steps} {batch}"
+        if key not in done:
+            t0 = time.perf_counter()
+            done[key] = train_once(data, param == "mup", width, lr, seed, steps, batch)
+            with MUP_RUNS.open("a") as f:
+                f.write(json.dumps({"key": key, "val_loss": done[key]}) + "\n")
+            took = time.perf_counter() - t0
+            print(
+                f"{param} width {width} lr {lr:.2e} seed {seed}: val loss {done[key]:.4f} ({took:.0f} s)",
+                flush=True,
+            )
+        return done[key]
+
+    curves = {p: {str(w): [run(p, w, lr, 0) for lr in lrs[p]] for w in MUP_WIDTHS} for p in ("mup", "sp")}
     pick = min(range(len(MUP_LRS)), key=lambda i: curves["mup"][str(MUP_WIDTHS[0])][i])
-    seeds = {}
-    for width in MUP_WIDTHS:
-        again = train_once(data, True, width, MUP_LRS[pick], 1, steps, batch)
-        seeds[str(width)] = [curves["mup"][str(width)][pick], again]
-        print(f"mup width {width} lr {MUP_LRS[pick]:.2e} seed 1: val loss {again:.4f}", flush=True)
+    seeds = {str(w): [curves["mup"][str(w)][pick], run("mup", w, MUP_LRS[pick], 1)] for w in MUP_WIDTHS}
     return {
         "lrs": lrs,
         "widths": MUP_WIDTHS,
@@ -229,6 +231,16 @@ def mup_curves(steps: int, batch: int) -> dict:
         "seeds": seeds,
         "verdict": mup_verdict(curves, seeds, pick),
     }
+
+
+MUP_RUNS = WORK / "mup-runs.jsonl"
+
+
+def _runs_done() -> dict[str, float]:
+    """Losses of the runs an interrupted bench finished: a rerun trains only the missing ones."""
+    if not MUP_RUNS.is_file():
+        return {}
+    return {r["key"]: r["val_loss"] for r in map(json.loads, MUP_RUNS.read_text().splitlines())}
 
 
 def mup_verdict(curves: dict, seeds: dict, pick: int) -> dict:

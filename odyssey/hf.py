@@ -13,8 +13,8 @@ grouped-query attention, no biases. Converting is renaming tensors and config fi
     lm_head (untied; see below)   lm_head
 
 µP folds into the weights, exactly: its attention scale 1/E (Llama's is 1/sqrt(E)) into q_proj, times
-1/sqrt(E) (RoPE is linear, so scaling q before or after it is the same), and its logits' 1/m into an
-untied lm_head = tok_emb / m.
+1/sqrt(E) (RoPE is linear, so scaling q before or after it is the same), and its logits' 1/m into
+lm_head (a µP model's readout is always its own matrix).
 
 `save_pretrained` writes what `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained` load: the
 weights (safetensors only), config.json, generation_config.json, and our tokenizer with a post-processor
@@ -114,7 +114,7 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         for i in range(cfg.n_layer):
             q = f"blocks.{i}.attn.wq.weight"
             state[q] = state[q] / math.sqrt(cfg.head_dim)  # x 1/sqrt(E) here x 1/sqrt(E) there = 1/E
-        state["lm_head.weight"] = state.get("lm_head.weight", state["tok_emb.weight"]) / cfg.width_mult
+        state["lm_head.weight"] = state["lm_head.weight"] / cfg.width_mult  # µP is untied (model.py)
     names = tensor_names(cfg.n_layer)
     return {names[k]: v.to(dtype).contiguous() for k, v in state.items()}
 
@@ -140,7 +140,7 @@ def hf_config(model: Transformer, tokenizer: Tokenizer) -> dict:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_embeddings and not cfg.mup,  # µP's lm_head is tok_emb / m
+        "tie_word_embeddings": cfg.tie_embeddings,  # never under µP: its readout is its own matrix
         "initializer_range": cfg.init_std,
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
