@@ -101,6 +101,12 @@ def test_random_search_over_lists_proposes_each_combination_once():
     assert sweep._distinct_points(plan()) is None  # ranges: Tune samples them
 
 
+def test_halving_waits_for_the_whole_grid():
+    grid = "space={optim.lr: {grid: [1e-3, 2e-3, 4e-3]}, optim.warmup_steps: {grid: [0, 8]}}"
+    assert sweep.cohort(plan(grid, "search.algorithm=grid"), 1) == 6
+    assert sweep.cohort(plan(), 9) == 9
+
+
 def test_mup_pair_keeps_head_width_and_everything_else():
     target = ModelConfig(vocab_size=1024, d_model=512, n_layer=3, n_head=8, n_kv_head=4, max_seq_len=64)
     proxy, wide = sweep.mup_pair(target, 128)

@@ -226,7 +226,7 @@ def _tuner(p: Plan, concurrency: int):
     points = _distinct_points(p) if algorithm == "random" else None
     if points is not None:
         samples = len(points)
-    scheduler = _scheduler(p, samples, concurrency)
+    scheduler = _scheduler(p, cohort(p, samples), concurrency)
     if algorithm == "optuna":
         search_alg = ConcurrencyLimiter(_optuna(cfg), max_concurrent=concurrency)
     elif isinstance(scheduler, halving.SuccessiveHalving):  # paused trials must not count as running
@@ -256,6 +256,13 @@ def _tuner(p: Plan, concurrency: int):
             verbose=1,
         ),
     )
+
+
+def cohort(p: Plan, samples: int) -> int:
+    """How many trials the sweep will run: every combination of a grid once per sample."""
+    if p.cfg.search.algorithm == "grid":
+        return samples * math.prod(len(q.values) for q in p.params)
+    return samples
 
 
 def _distinct_points(p: Plan) -> list[dict] | None:
