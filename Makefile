@@ -11,9 +11,9 @@ TORCH_VERSION := 2.13.0
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.odyssey-installed
 
-BENCHES ?= data train_throughput train_overhead serve_load tune_efficiency elastic onnx soak demo autoscaler tasks
+BENCHES ?= data data_scale train_throughput train_overhead serve_load tune_efficiency elastic onnx soak demo autoscaler tasks
 
-.PHONY: demo test lint bench bench-data bench-train bench-serve bench-tune bench-elastic bench-onnx bench-soak bench-demo bench-autoscaler bench-tasks setup clean
+.PHONY: demo test lint bench bench-data bench-data-scale bench-train bench-serve bench-tune bench-elastic bench-onnx bench-soak bench-demo bench-autoscaler bench-tasks setup clean
 
 demo: $(STAMP)
 	$(BIN)/odyssey demo $(ARGS)
@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache --no-logo
 
-# Every benchmark that runs on a CPU machine (~150 minutes on 2 cores), then the README's results table
+# Every benchmark that runs on a CPU machine (~160 minutes on 2 cores), then the README's results table
 # from their JSON. Some: make bench BENCHES="onnx data". (bench/gpu_train.sh needs a GPU machine.)
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
@@ -34,6 +34,9 @@ bench: $(STAMP)
 
 bench-data: $(STAMP)  # ~1 minute
 	$(BIN)/python bench/data.py $(ARGS)
+
+bench-data-scale: $(STAMP)  # ~10 minutes on 2 cores: bytes each rank reads, index vs stream; throughput; resume
+	$(BIN)/python bench/data_scale.py $(ARGS)
 
 bench-train: $(STAMP)  # ~25 minutes on 2 cores
 	$(BIN)/python bench/train_throughput.py $(ARGS)

@@ -8,7 +8,7 @@
 source "$(dirname "$0")/gpu_setup.sh"  # wheels in, card named, $out set
 python3 bench/tasks.py --recipe gpt-125m --name gpu_tasks --minutes 6 --limit 200 --find-limit 1000 \
     --set data.corpus=/tmp/odyssey-data --set data.prepare=true --set data.prepare_preset=full \
-    --set data.vocab_size=16384 --set data.load=memory --set storage=/tmp/odyssey-runs \
+    --set data.vocab_size=16384 --set storage=/tmp/odyssey-runs \
     --set scaling.workers=1 --set scaling.autoscaling=false --set deepspeed.zero_stage=2 \
     --set micro_batch_size=16 --set global_batch_tokens=65536 --set optim.warmup_steps=50 \
     --set contrastive.pairs_per_step=128 --set contrastive.passage_tokens=256

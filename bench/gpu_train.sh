@@ -11,7 +11,7 @@ python3 -m odyssey -q data build --out $data --preset tiny
 python3 -m odyssey -q tokenizer train --corpus $data --vocab-size 8192
 python3 -m odyssey -q data pack --corpus $data --seq-len 1024
 python3 -m train --config gpt-350m \
-    --set storage=/tmp/odyssey-runs --set data.corpus=$data --set data.load=memory \
+    --set storage=/tmp/odyssey-runs --set data.corpus=$data \
     --set scaling.workers=1 --set scaling.autoscaling=false --set micro_batch_size=8 \
     --set global_batch_tokens=65536 --set steps=40 --set log_every=10 --set eval_every=40 \
     --set checkpoint_every=40 --set optim.warmup_steps=10 | tee /tmp/train.out

@@ -13,7 +13,7 @@ python3 -m odyssey -q data build --out $data --preset tiny
 python3 -m odyssey -q tokenizer train --corpus $data --vocab-size 8192
 python3 -m odyssey -q data pack --corpus $data --seq-len 1024
 python3 -m tune --config gpt-350m-mup --transfer \
-    --set storage=$runs/tune --set name=gpu-mup --set train.data.corpus=$data --set train.data.load=memory \
+    --set storage=$runs/tune --set name=gpu-mup --set train.data.corpus=$data \
     --set train.steps=120 --set train.eval_every=15 --set train.checkpoint_every=120 \
     --set train.optim.warmup_steps=10 --set train.global_batch_tokens=65536 --set train.micro_batch_size=8 \
     --set 'space={optim.lr: {choice: [3.0e-3, 6.0e-3, 1.2e-2, 2.4e-2]}}' \

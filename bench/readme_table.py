@@ -34,6 +34,17 @@ def data(f: dict) -> list[tuple]:
     ]  # fmt: skip
 
 
+def data_scale(f: dict) -> list[tuple]:
+    b, t = f["bytes_per_rank"], f["throughput"]
+    most = max(b["index"], key=int)
+    index, stream = (max(r["rows_bytes"] for r in b[load][most]) for load in ("index", "stream"))
+    rates = t["tokens_per_s"]
+    return [
+        (f"training data read per rank at {most} workers, data.load index vs stream ({f['loader_steps']} steps)", f"{index / 2**20:.2f} MiB", f"{stream / 2**20:.2f} MiB", stream / index),
+        ("training tokens/s, data.load index vs stream (`tiny-cpu`, 2 workers)", f"{rates['index']:,.0f}", f"{rates['stream']:,.0f}", t["index_vs_stream"]),
+    ]  # fmt: skip
+
+
 def train_throughput(f: dict) -> list[tuple]:
     s = f["settings"]
     best = s[f["best"]]
@@ -200,6 +211,7 @@ def _ratio(ours: float | None, baseline: float | None) -> float | None:
 
 HEADLINES = {
     "data": data,
+    "data_scale": data_scale,
     "train_throughput": train_throughput,
     "train_overhead": train_overhead,
     "serve_load": serve_load,

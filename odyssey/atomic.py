@@ -27,13 +27,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically (temp file + fsync + rename)."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write (by any means: np.lib.format.open_memmap, ...); on
+    normal exit it is fsynced and renamed to `path`, on error removed. Readers see the old file or the
+    whole new one, and two writers of the same bytes may race."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:

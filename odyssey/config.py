@@ -147,6 +147,9 @@ def from_dict(cls: type[T], data: Any, path: str = "", base: Mapping[str, Any] |
                 kwargs[name] = _coerce(base[key], hints[name], _join(path, key))
             continue
         value, tp = data[key], hints[name]
+        retired = getattr(cls, "retired_values", {}).get(key, {})  # values a config no longer takes
+        if isinstance(value, str) and value in retired:
+            raise ConfigError(f"{_join(path, key)}: {value!r} was {retired[value]}")
         under = base.get(key, _default(f))
         if dataclasses.is_dataclass(tp) and isinstance(value, (Mapping, str)):
             # A section given in part keeps the rest of its preset or default.

@@ -66,6 +66,21 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def zero_runs(ray_cluster, blocks_dir, corpus_dir, tmp_path_factory):
+    """The same tiny run (tiny_runs.py) under ZeRO 0, 2 and 3, on the session's local cluster: the
+    uninterrupted curves that resumed, resized and multi-host runs are held to."""
+    from tiny_runs import config
+
+    from train import launch
+
+    storage = tmp_path_factory.mktemp("runs")
+    out = {}
+    for stage in (0, 2, 3):
+        out[stage] = launch.run(config(corpus_dir, storage, f"zero{stage}", f"deepspeed.zero_stage={stage}"))
+    return storage, out
+
+
+@pytest.fixture(scope="session")
 def exported_models(tmp_path_factory, tokenizer):
     """Two freshly initialised tiny models (different seeds) in the serving format, with the session's
     tokenizer: what `odyssey export` writes, without a training run. The first also has model.onnx

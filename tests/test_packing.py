@@ -116,7 +116,9 @@ def chunked_corpus(corpus_dir, tmp_path_factory):
 
 
 def _shard_bytes(blocks) -> dict[str, bytes]:
-    return {p.relative_to(blocks).as_posix(): p.read_bytes() for p in sorted(blocks.rglob("*.parquet"))}
+    """The Parquet shards, the token arrays and their index."""
+    files = [*blocks.rglob("*.parquet"), *blocks.rglob("*.npy"), blocks / packing.ARRAYS]
+    return {p.relative_to(blocks).as_posix(): p.read_bytes() for p in sorted(files)}
 
 
 def test_units_cover_every_example_once(chunked_corpus, tokenizer, tmp_path):
@@ -135,6 +137,8 @@ def test_units_cover_every_example_once(chunked_corpus, tokenizer, tmp_path):
     assert lm["trained_tokens"] == sum(map(len, tokenizer.encode_batch(texts))) + len(texts)
     ids, mask = packing.read_blocks(tmp_path / "b", "lm", "train")
     assert ids.shape[0] == lm["blocks"] and int(mask.sum()) == lm["trained_tokens"]
+    arrays = packing.open_arrays(tmp_path / "b", "lm", "train")  # the shards' rows, shard after shard
+    assert np.array_equal(arrays[0], ids) and np.array_equal(arrays[1], mask)
 
 
 def test_same_bytes_in_process_and_on_ray_data(ray_cluster, chunked_corpus, tokenizer, tmp_path):

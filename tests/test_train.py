@@ -20,53 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import STEPS, config, losses, settings
 
 from odyssey import artifact, failpoints, retrieval
-from odyssey.config import load_config
 from odyssey.engine import GenerationParams, generate
 from odyssey.errors import ConfigError, OdysseyError
 from odyssey.model import Transformer
 from train import checkpoint, contrastive, events, launch
-from train.config import TrainConfig, recipe_path
 from train.export import export
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 32  # room after the step-8 checkpoint: the kill test must land before the run ends
-
-
-def settings(corpus_dir, storage, name, *extra) -> list[str]:
-    return [
-        f"name={name}",
-        f"storage={storage}",
-        f"data.corpus={corpus_dir}",
-        "data.prepare=false",
-        f"steps={STEPS}",
-        "log_every=1",
-        "eval_every=8",
-        "checkpoint_every=8",
-        "keep_checkpoints=4",  # every checkpoint of the run stays: resumes at other sizes start from them
-        *extra,
-    ]
-
-
-def config(corpus_dir, storage, name, *extra) -> TrainConfig:
-    return load_config(TrainConfig, recipe_path("tiny-cpu"), settings(corpus_dir, storage, name, *extra))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss, the last record of each step (a resumed run logs some steps twice)."""
-    return {r["step"]: r["loss"] for r in events.read_metrics(run_dir)}
-
-
-@pytest.fixture(scope="module")
-def zero_runs(ray_cluster, blocks_dir, corpus_dir, tmp_path_factory):
-    """The same tiny run under ZeRO 0, 2 and 3, on the session's local cluster."""
-    storage = tmp_path_factory.mktemp("runs")
-    out = {}
-    for stage in (0, 2, 3):
-        summary = launch.run(config(corpus_dir, storage, f"zero{stage}", f"deepspeed.zero_stage={stage}"))
-        out[stage] = summary
-    return storage, out
 
 
 def test_zero_stages_agree_at_first_and_lower_the_loss(zero_runs):
@@ -153,6 +116,23 @@ def test_every_rank_saves_its_shard(zero_runs):
     # Ray Train keeps keep_checkpoints of them; none is left half-written.
     names = sorted(p.name for p in (storage / "zero2").iterdir() if "checkpoint_step" in p.name)
     assert names == [f"checkpoint_step{s:07d}" for s in (8, 16, 24, 32)]
+
+
+def test_each_worker_reads_only_the_rows_it_trains(zero_runs):
+    """data.load=index (every run here but the next test's): a rank reads its half of each step's rows."""
+    _, runs = zero_runs
+    last = events.read_metrics(Path(runs[2]["run_dir"]))[-1]
+    row = 129 * (2 + 1)  # seq_len + 1 tokens: uint16 ids (a 2048-token vocabulary) + uint8 loss mask
+    assert last["data_bytes_read"] == STEPS * 16 * row and last["data_bytes_read_max_rank"] == STEPS * 8 * row
+
+
+def test_the_stream_path_trains_with_every_worker_streaming_the_tasks(ray_cluster, corpus_dir, tmp_path):
+    """data.load=stream: Ray Data reads the Parquet shards and every worker streams them, whole batches
+    of 64 rows (int32 ids + uint8 mask), more than its own rows."""
+    summary = launch.run(config(corpus_dir, tmp_path, "stream", "data.load=stream", "steps=8"))
+    assert summary["steps"] == 8 and np.isfinite(summary["final_loss"])
+    last = events.read_metrics(Path(summary["run_dir"]))[-1]
+    assert last["data_bytes_read_max_rank"] >= 64 * 129 * (4 + 1) > 8 * 8 * 129 * (2 + 1)
 
 
 def test_export_consolidates_zero_into_the_core_model(zero_runs, tmp_path):

@@ -148,7 +148,7 @@ def test_mixture_is_deterministic_and_resumes_exactly():
         b.step_batches()
     resumed = loader(state=b.state())
     assert [rows_of(resumed.step_batches()) for _ in range(7)] == first[5:]
-    assert a.streams["code"].shard.epochs >= 3  # the small task wrapped around
+    assert a.sources["code"].shard.epochs >= 3  # the small task wrapped around
     code = [v for rows in first for v in rows if v < 500]  # in the order trained
     assert sorted(code[:7]) == sorted(code[7:14]) == list(range(7))  # an epoch: every row once
     assert code[:7] != code[7:14]  # each epoch shuffled with a seed of its own

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from odyssey import hf
 from odyssey.config import named_file
@@ -35,10 +35,17 @@ class DataConfig:
     prepare: bool = False
     prepare_preset: Literal["tiny", "full"] = "tiny"
     vocab_size: int = 4096  # of the tokenizer `prepare` trains
-    shuffle_buffer_blocks: int = 64  # local shuffle on each worker, per epoch
-    # stream: Ray Data reads the shards lazily across the cluster (any size). memory: the driver reads
-    # them and Ray Data streams them from memory (small corpora; starts in a second).
-    load: Literal["stream", "memory"] = "stream"
+    # How the workers read the blocks (train/mixture.py). index: each worker reads only the rows it
+    # trains, by random access to the token arrays beside the Parquet shards (data.blocks on a file
+    # system every node sees, like storage); each epoch a seeded shuffle of the whole task. stream: Ray
+    # Data reads the Parquet shards and every worker streams them whole (world x the reads), shuffled
+    # locally. A run keeps its order only under one of them: resume it with the same.
+    load: Literal["index", "stream"] = "index"
+    shuffle_buffer_blocks: int = 64  # load: stream only: the local shuffle on each worker, per epoch
+    # Values a recipe may still hold, refused with the fix (odyssey/config.py: from_dict).
+    retired_values: ClassVar[dict] = {
+        "load": {"memory": "removed; use index (each worker reads its own rows: starts as fast, reads less)"}
+    }
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:

@@ -110,10 +110,11 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
     check_resources(cfg)
 
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from train.callbacks import FailureRecord
     from train.loop import train_loop_per_worker
+    from train.network import PinnedTorchConfig
 
     run_dir = Path(cfg.storage) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,9 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
     launch_id = uuid.uuid4().hex[:12]  # tells a restart inside this launch from a relaunch
     trainer = TorchTrainer(
         train_loop_per_worker,
-        torch_config=TorchConfig(backend=None if cfg.scaling.backend == "auto" else cfg.scaling.backend),
+        torch_config=PinnedTorchConfig(
+            backend=None if cfg.scaling.backend == "auto" else cfg.scaling.backend
+        ),
         train_loop_config={
             "train": to_dict(cfg),
             "mixture": data.weights,
@@ -155,8 +158,7 @@ def run(cfg: TrainConfig, address: str | None = None, callbacks: list | None = N
             callbacks=[FailureRecord(run_dir), *(callbacks or [])],
             worker_runtime_env={"env_vars": armed} if armed else None,
         ),
-        datasets=data.datasets(),
-        dataset_config=data.dataset_config(),
+        **data.trainer_datasets(),  # data.load=stream only: under index each worker reads its own rows
     )
     try:
         result = trainer.fit()

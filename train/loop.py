@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from odyssey import flops, logs, optim
+from odyssey import failpoints, flops, logs, optim
 from odyssey.config import from_dict, to_dict
 from train import checkpoint, contrastive, events, mixture
 from train.config import TrainConfig
@@ -47,6 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
         worker.train_step()
         if cadence.logs(worker.step) or cadence.evaluates(worker.step):
             worker.report(evaluate=cadence.evaluates(worker.step), save=cadence.saves(worker.step))
+        failpoints.hit("train.step", step=worker.step, rank=worker.rank, world=worker.world)  # drills
     worker.log.close()
 
 
@@ -136,13 +137,16 @@ class Worker:
         return meta["data"], event
 
     def _record_start(self, event: dict) -> None:
-        """events.jsonl: why this start happened, at which step, on which machines (all ranks gather)."""
+        """events.jsonl: why this start happened, at which step, on which machines: each rank's Ray node,
+        its address and the process (all ranks gather)."""
         import ray
 
         places = [None] * self.world
-        dist.all_gather_object(places, (ray.get_runtime_context().get_node_id(), os.getpid()))
+        here = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), os.getpid())
+        dist.all_gather_object(places, here)
         event.update(world_size=self.world, step=self.step, tokens=self.tokens, resharded=self.resharded)
-        self.log.event(event.pop("event"), **event, nodes=[n for n, _ in places], pids=[p for _, p in places])
+        nodes, hosts, pids = (list(column) for column in zip(*places))
+        self.log.event(event.pop("event"), **event, nodes=nodes, hosts=hosts, pids=pids)
 
     def train_step(self) -> None:
         """One optimizer step: this rank's micro-batches of the step's global batch."""
@@ -242,6 +246,8 @@ class Worker:
             "tokens_per_s": rate,
             "mfu": flops.mfu(self.flops_per_token, rate, self.peak),
             "memory_gb": _all_max(memory_gb(self.cuda), device),
+            "data_bytes_read": _all_sum(self.loader.bytes_read, device),  # since this start, all ranks
+            "data_bytes_read_max_rank": _all_max(self.loader.bytes_read, device),
             "world_size": self.world,
         }
         if self.pairs:

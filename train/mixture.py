@@ -1,16 +1,22 @@
-"""The task mixture a run trains on: packed blocks (odyssey/data/packing.py) streamed to the workers by Ray Data.
+"""The task mixture a run trains on: which rows of the packed blocks (odyssey/data/packing.py) each
+worker trains, and where it reads them.
 
-Driver side: one Ray Dataset per task of the mixture, order preserved. data.load = stream: read lazily
-from the Parquet shards (any size). data.load = memory: read by the driver and streamed from memory (small
-corpora start in seconds). The few validation blocks are read on the driver and handed to every worker
-with the config.
+The run has one global order of rows, independent of the world size (`MixtureLoader`): a step's batch
+draws its tasks with a seed of the step, each task's rows come in the task's own seeded order, and rank
+r of `world` trains the r-th slice. The data position is the step and the rows taken per task, the same
+on every rank, so a run resumed at another world size trains exactly the rows that come next, none
+twice, none skipped. Where a rank gets its rows is data.load's business, and nothing else is:
 
-Worker side: the run has one global order of rows, independent of the world size (`MixtureLoader`):
-every worker streams each task's dataset whole, in the same order, and keeps the rows of its slice of
-each step's batch. Reading everything on every worker costs I/O (world x the corpus per epoch; token
-blocks are cheap to read next to the model's compute) and buys elasticity: the data position is the
-step and the rows taken per task, so a run resumed at another world size trains exactly the tokens
-that come next, none twice, none skipped.
+- index (the default): each rank reads the rows it trains and no others, by random access to the token
+  arrays beside the Parquet shards, memory-mapped from a file system every node sees, like storage
+  (`TaskArray`): 1/world of the corpus per rank and epoch. Each epoch is a seeded shuffle of the whole
+  task. Ray Data takes no part in training.
+- stream: Ray Data reads the Parquet shards and every rank streams each task's dataset whole, in the
+  same order, keeping its own rows (`TaskStream`): world x the corpus per epoch, each epoch shuffled
+  locally. The behaviour before index, kept for blocks that Ray Data reads but workers cannot map.
+
+Building and packing the data run on Ray Data (odyssey/data/parallel.py) whichever is chosen. The few
+validation blocks are read on the driver and handed to every worker with the config.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,13 +57,12 @@ class DataPlan:
     validation: dict[str, tuple[np.ndarray, np.ndarray]]  # every task's first eval_blocks val blocks
     pairs: dict  # find's (query, passage) ids for the contrastive objective (train/contrastive.py)
 
-    def datasets(self) -> dict:
-        """The Ray Datasets of the training tasks (Ray must be up): see build_datasets."""
-        return build_datasets(self.data, list(self.weights))
-
-    @staticmethod
-    def dataset_config():
-        return data_config()
+    def trainer_datasets(self) -> dict:
+        """The TorchTrainer's `datasets` and `dataset_config` under data.load=stream (Ray must be up);
+        nothing under index, where each worker reads its rows itself."""
+        if self.data.load != "stream":
+            return {}
+        return {"datasets": build_datasets(self.data, list(self.weights)), "dataset_config": data_config()}
 
 
 def plan(cfg: TrainConfig) -> DataPlan:
@@ -65,6 +71,8 @@ def plan(cfg: TrainConfig) -> DataPlan:
     if cfg.data.prepare:
         prepare(cfg)
     manifest = read_manifest(cfg)
+    if cfg.data.load == "index":
+        ensure_arrays(cfg)
     weights = mixture_tasks(cfg, manifest)
     rows = {t: manifest["counts"][t]["train"]["blocks"] for t in weights}
     return DataPlan(cfg.data, manifest, weights, rows, read_validation(cfg), contrastive.plan(cfg))
@@ -108,6 +116,19 @@ def read_manifest(cfg: TrainConfig) -> dict:
     return manifest
 
 
+def ensure_arrays(cfg: TrainConfig) -> None:
+    """data.load=index reads the token arrays beside the blocks: blocks packed before they existed get
+    them here, once, on the driver."""
+    try:
+        packing.ensure_arrays(cfg.data.blocks_dir)
+    except OSError as e:
+        raise ConfigError(
+            f"data.load=index: {cfg.data.blocks_dir} lacks its token arrays and they cannot be written there "
+            f"({e}); make it writable once, pack again with {pack_command(cfg, '--overwrite')}, or set "
+            "data.load=stream"
+        ) from None
+
+
 def pack_command(cfg: TrainConfig, *flags: str) -> str:
     """The `odyssey data pack` that makes the blocks this run reads."""
     tokenizer = f" --tokenizer {cfg.data.tokenizer}" if cfg.data.tokenizer else ""
@@ -139,13 +160,8 @@ def dataset_name(split: str, task: str) -> str:
 
 
 def build_datasets(data: DataConfig, tasks: list[str]) -> dict:
-    """One Ray Dataset per training task of the mixture, named train_{task}.
-
-    data.load = "stream": Ray Data reads the Parquet shards lazily with read tasks spread over the
-    cluster (corpora of any size). "memory": the driver reads the shards and hands Ray Data in-memory
-    Arrow tables: no read tasks to start, which on a small machine saves seconds per task and epoch.
-    """
-    import pyarrow.parquet as pq
+    """data.load=stream: one Ray Dataset per training task of the mixture, named train_{task}, read
+    lazily from the Parquet shards by read tasks spread over the cluster."""
     import ray.data
 
     context = ray.data.DataContext.get_current()  # travels with the datasets to the workers
@@ -154,11 +170,7 @@ def build_datasets(data: DataConfig, tasks: list[str]) -> dict:
     blocks_dir = Path(data.blocks_dir)
     datasets = {}
     for task in tasks:
-        files = _files(blocks_dir, task, "train")
-        if data.load == "memory":
-            datasets[dataset_name("train", task)] = ray.data.from_arrow([pq.read_table(f) for f in files])
-        else:
-            datasets[dataset_name("train", task)] = ray.data.read_parquet(files)
+        datasets[dataset_name("train", task)] = ray.data.read_parquet(_files(blocks_dir, task, "train"))
     return datasets
 
 
@@ -178,17 +190,66 @@ def _files(blocks_dir: Path, task: str, split: str) -> list[str]:
 # --- worker ---------------------------------------------------------------------------------------
 
 
+class RowSource(Protocol):
+    """Where MixtureLoader gets one task's rows: `TaskArray` (data.load=index) or `TaskStream` (stream)."""
+
+    bytes_read: int  # bytes of rows this rank has read since it started (ids + loss mask)
+
+    def start(self) -> None:
+        """Be ready to give rows from the resume position on."""
+
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids and loss mask of the task's row at global `index` (epoch after epoch)."""
+
+
+class TaskArray:
+    """One task's rows by random access (data.load=index): its token arrays memory-mapped, its order in
+    each epoch a seeded permutation of all its rows. A rank reads the rows it is asked for and no
+    others, so a step's rows are read only by the ranks that train them."""
+
+    def __init__(self, blocks_dir: str, task: str, seed: int, rows_per_epoch: int):
+        self.blocks_dir, self.task, self.seed, self.rows_per_epoch = blocks_dir, task, seed, rows_per_epoch
+        self.bytes_read = 0
+        self._epoch, self._order = -1, np.zeros(0, np.int64)
+
+    def start(self) -> None:
+        """Map the arrays, checked against the manifest's count (the driver wrote them if missing: plan)."""
+        try:
+            self.ids, self.mask = packing.open_arrays(self.blocks_dir, self.task, "train")
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"data.load=index: {e.filename} is not on this worker's node: put data.blocks on a file "
+                "system every node sees (like storage), or set data.load=stream"
+            ) from None
+        if len(self.ids) != self.rows_per_epoch:
+            raise ConfigError(
+                f"task {self.task}: {len(self.ids)} rows in {self.blocks_dir}'s arrays but its manifest "
+                f"counts {self.rows_per_epoch}; rebuild the blocks with `odyssey data pack --overwrite`"
+            )
+        self.row_bytes = self.ids.shape[1] * (self.ids.itemsize + self.mask.itemsize)
+
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(index, self.rows_per_epoch)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, TASKS.index(self.task), epoch])
+            self._epoch, self._order = epoch, rng.permutation(self.rows_per_epoch)
+        g = self._order[i]  # the row's global sample index: its place in the task's shards
+        self.bytes_read += self.row_bytes
+        return np.asarray(self.ids[g]), np.asarray(self.mask[g])
+
+
 class TaskStream:
-    """One task's rows in the run's global order: epoch after epoch, each epoch locally shuffled with a seed
-    of its own. Every rank reads the same stream in the same order (the same seeds) and keeps only the
-    rows it is given by global index, so which rank trains which row can change with the world size
-    while the order of rows cannot."""
+    """One task's rows in the run's global order (data.load=stream): epoch after epoch, each epoch
+    locally shuffled with a seed of its own. Every rank reads the same stream in the same order (the
+    same seeds) and keeps only the rows it is given by global index, so which rank trains which row can
+    change with the world size while the order of rows cannot; every rank reads every row."""
 
     def __init__(
         self, shard, task: str, seed: int, shuffle_buffer: int, rows_per_epoch: int, position: int = 0
     ):
         self.shard, self.task, self.seed, self.shuffle_buffer = shard, task, seed, shuffle_buffer
         self.rows_per_epoch = rows_per_epoch
+        self.bytes_read = 0
         self._position = position  # the global index of the first row this run may ask for
         self.epoch, self._cursor = -1, 0  # epoch open, index in it of the first row of _batch
         self._batch: dict | None = None
@@ -219,6 +280,8 @@ class TaskStream:
                     f"task {self.task}: epoch {epoch} ended after {self._cursor} rows but the blocks manifest "
                     f"counts {self.rows_per_epoch}; rebuild the blocks with `odyssey data pack`"
                 )
+            ids, mask = self._batch["input_ids"], self._batch["loss_mask"]
+            self.bytes_read += len(ids) * (np.asarray(ids[0]).nbytes + np.asarray(mask[0]).nbytes)
 
     def _open(self, epoch: int) -> None:
         self.epoch, self._cursor, self._batch = epoch, 0, None
@@ -245,7 +308,7 @@ class MixtureLoader:
 
     def __init__(
         self,
-        streams: dict[str, TaskStream],
+        sources: dict[str, RowSource],
         weights: dict[str, float],
         sequences: int,
         micro_batch: int,
@@ -258,15 +321,15 @@ class MixtureLoader:
             raise ValueError(
                 f"{sequences} sequences per step do not split into {world} x micro-batches of {micro_batch}"
             )
-        self.streams, self.sequences, self.micro_batch, self.seed = streams, sequences, micro_batch, seed
+        self.sources, self.sequences, self.micro_batch, self.seed = sources, sequences, micro_batch, seed
         self.rank, self.world = rank, world
         self.tasks = list(weights)
         self.p = np.array([weights[t] for t in self.tasks])
         state = state or {}
         self.step = state.get("step", 0)
         self.taken = {t: state.get("taken", {}).get(t, 0) for t in self.tasks}
-        with ThreadPoolExecutor(max_workers=len(streams)) as pool:
-            list(pool.map(TaskStream.start, streams.values()))
+        with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # a stream takes a while to start
+            list(pool.map(lambda source: source.start(), sources.values()))
 
     def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The next step's micro-batches for this rank: sequences / (world x micro_batch) of them."""
@@ -277,7 +340,7 @@ class MixtureLoader:
         rows, seen = [], dict.fromkeys(self.tasks, 0)
         for j, task in enumerate(picks):
             if j in mine:
-                rows.append(self.streams[task].row(self.taken[task] + seen[task]))
+                rows.append(self.sources[task].row(self.taken[task] + seen[task]))
             seen[task] += 1
         for task, n in seen.items():
             self.taken[task] += n
@@ -287,6 +350,11 @@ class MixtureLoader:
     def state(self) -> dict:
         """The data position after the last step: the same on every rank, whatever the world size."""
         return {"step": self.step, "taken": dict(self.taken)}
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of rows this rank has read since it started: its own rows under index, all under stream."""
+        return sum(source.bytes_read for source in self.sources.values())
 
 
 def _micro_batch(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -303,23 +371,21 @@ def make_loader(
     world: int,
     state: dict | None,
 ) -> MixtureLoader:
+    taken = (state or {}).get("taken", {})
+    sources = {task: row_source(cfg, task, rows_per_epoch[task], taken.get(task, 0)) for task in weights}
+    return MixtureLoader(
+        sources, weights, cfg.sequences_per_step, cfg.micro_batch_size, rank, world, cfg.seed, state
+    )
+
+
+def row_source(cfg: TrainConfig, task: str, rows_per_epoch: int, position: int) -> RowSource:
+    """One task's rows as data.load reads them; `position`: the global index of the first row to come."""
+    if cfg.data.load == "index":
+        return TaskArray(cfg.data.blocks_dir, task, cfg.seed, rows_per_epoch)
     import ray.train
 
-    taken = (state or {}).get("taken", {})
-    streams = {
-        task: TaskStream(
-            ray.train.get_dataset_shard(dataset_name("train", task)),
-            task,
-            cfg.seed,
-            cfg.data.shuffle_buffer_blocks,
-            rows_per_epoch[task],
-            taken.get(task, 0),
-        )
-        for task in weights
-    }
-    return MixtureLoader(
-        streams, weights, cfg.sequences_per_step, cfg.micro_batch_size, rank, world, cfg.seed, state
-    )
+    shard = ray.train.get_dataset_shard(dataset_name("train", task))
+    return TaskStream(shard, task, cfg.seed, cfg.data.shuffle_buffer_blocks, rows_per_epoch, position)
 
 
 def read_validation(cfg: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:

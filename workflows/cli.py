@@ -13,6 +13,8 @@
     odyssey cluster check [FILE ...]                    (`ray up` configs, KubeRay manifests)
     odyssey cluster local-up [--config cluster/fake-gpu.yaml]  |  odyssey cluster local-down
     odyssey cluster env [local|serve|demo]              (export lines for Ray's CLI: eval "$(...)")
+    odyssey cluster netns-up [--hosts 3] [--cpus 2]  |  netns-run HOST -- CMD ...  |  netns-crash HOST
+                    |  netns-restore HOST  |  netns-down    (hosts of their own on one Linux machine, as root)
     odyssey eval MODEL_OR_CHECKPOINT [--corpus DIR] [--tasks a,b] [--limit N] [--backend B] [--out DIR]
                  [--no-code-checks]
     odyssey promote RUN --serve-config serve/config.yaml [--metrics a,b] [--dry-run]
@@ -271,6 +273,27 @@ def _cluster_parser(sub) -> None:
     )
     up.add_argument("--config", type=Path, help="a fake_multinode config (default: cluster/fake-gpu.yaml)")
     cluster_sub.add_parser("local-down", help="stop the local cluster and every node it added")
+    netns_up = cluster_sub.add_parser(
+        "netns-up",
+        help="a Ray cluster of hosts with addresses of their own on this machine (Linux network namespaces; root)",
+    )
+    netns_up.add_argument("--hosts", type=int, default=3, help="hosts, the head's included (default 3)")
+    netns_up.add_argument(
+        "--cpus", type=int, default=2, help="logical CPUs of each non-head host (default 2)"
+    )
+    netns_up.add_argument("--prefix", default="odyssey", help="names of the namespaces (default odyssey)")
+    netns_run = cluster_sub.add_parser(
+        "netns-run", help="run a command on a host of netns-up, with the cluster's token and address set"
+    )
+    netns_run.add_argument("host", type=int, help="the host's number (0: the head)")
+    netns_run.add_argument("argv", nargs=argparse.REMAINDER, help="-- the command and its arguments")
+    crash = cluster_sub.add_parser("netns-crash", help="lose a host: its link down, its processes SIGKILLed")
+    crash.add_argument("host", type=int)
+    restore = cluster_sub.add_parser("netns-restore", help="bring a lost host back: link up, Ray node joined")
+    restore.add_argument("host", type=int)
+    netns_down = cluster_sub.add_parser("netns-down", help="remove the hosts of netns-up and all they run")
+    for p in (netns_run, crash, restore, netns_down):
+        p.add_argument("--prefix", default="odyssey", help="the prefix netns-up was given (default odyssey)")
     env = cluster_sub.add_parser(
         "env",
         help="export lines that point Ray's CLI (ray status, ray job, serve) at a local cluster: "
@@ -406,6 +429,72 @@ def _cluster_local_down(args) -> dict:
     return local_cluster.local_down()
 
 
+def _cluster_netns_up(args) -> dict:
+    from workflows import hosts
+
+    if args.hosts < 2:
+        raise OdysseyError(f"--hosts {args.hosts}: a head and at least one more host")
+    if args.cpus < 1:
+        raise OdysseyError(f"--cpus {args.cpus}: each host needs at least 1 CPU")
+    print(f"starting {args.hosts} hosts and a Ray cluster across them...", file=sys.stderr)
+    up = hosts.up(args.prefix, args.hosts, args.cpus)
+    return {
+        "hosts": {h.netns: h.address for h in up.hosts},
+        "dashboard": up.dashboard_url,
+        "address": up.gcs_address,
+        "token": up.token_path,
+        "run": "odyssey cluster netns-run 0 -- ray status",
+        "shell": f"ip netns exec {up.hosts[1].netns} bash  (a shell on host 1)",
+        "stop": "odyssey cluster netns-down",
+    }
+
+
+def _netns_hosts(args):
+    from workflows import hosts
+
+    up = hosts.load(args.prefix)
+    if up is None:
+        raise OdysseyError(
+            f"no hosts named {args.prefix}-* are up: start them with `odyssey cluster netns-up`"
+        )
+    if not 0 <= getattr(args, "host", 0) < len(up.hosts):
+        raise OdysseyError(f"host {args.host}: the hosts are 0..{len(up.hosts) - 1}")
+    return up
+
+
+def _cluster_netns_run(args) -> None:
+    import subprocess
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise OdysseyError(
+            "netns-run: give the command after --, e.g. `odyssey cluster netns-run 0 -- ray status`"
+        )
+    up = _netns_hosts(args)
+    sys.exit(subprocess.run(up.command(args.host, argv), env=up.env()).returncode)
+
+
+def _cluster_netns_crash(args) -> dict:
+    up = _netns_hosts(args)
+    up.crash(args.host)
+    return {"lost": up.hosts[args.host].netns, "address": up.hosts[args.host].address}
+
+
+def _cluster_netns_restore(args) -> dict:
+    up = _netns_hosts(args)
+    up.restore(args.host)
+    return {"back": up.hosts[args.host].netns, "address": up.hosts[args.host].address}
+
+
+def _cluster_netns_down(args) -> dict:
+    from workflows import hosts
+
+    removed = hosts.down(args.prefix)
+    if not removed:
+        raise OdysseyError(f"no hosts named {args.prefix}-* are up")
+    return {"removed": removed}
+
+
 def _cluster_env(args) -> None:
     from odyssey import cluster
 
@@ -480,6 +569,11 @@ COMMANDS = {
     ("cluster", "local-up"): _cluster_local_up,
     ("cluster", "local-down"): _cluster_local_down,
     ("cluster", "env"): _cluster_env,
+    ("cluster", "netns-up"): _cluster_netns_up,
+    ("cluster", "netns-run"): _cluster_netns_run,
+    ("cluster", "netns-crash"): _cluster_netns_crash,
+    ("cluster", "netns-restore"): _cluster_netns_restore,
+    ("cluster", "netns-down"): _cluster_netns_down,
 }
 
 

@@ -18,7 +18,15 @@ same corpus, tokenizer and seed give byte-identical shards.
 Output (published complete or not at all):
     {out}/{task}/{split}-00000.parquet   one per unit, in unit order; columns input_ids, loss_mask:
                                          fixed_size_list<int32|uint8>[seq_len+1]
+    {out}/{task}/{split}.ids.npy         the same rows as one array, shards in order (row g is the
+    {out}/{task}/{split}.mask.npy        g-th row of the shards): ids [N, seq_len+1] in the smallest
+                                         unsigned dtype of the vocabulary, mask uint8 [N, seq_len+1]
+    {out}/arrays.json                    per task and split: rows, each shard's offset; written last
     {out}/manifest.json                  seq_len, tokenizer fingerprint, counts, shard sha256, throughput
+
+The Parquet shards are what Ray Data streams (data.load: stream); the arrays are what a training rank
+reads its own rows from by random access, memory-mapped (data.load: index, train/mixture.py). Blocks
+packed before the arrays existed get them from `ensure_arrays`, which training calls.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import mmap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +48,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from odyssey import atomic
 from odyssey.data.corpus import MANIFEST, read_manifest
 from odyssey.data.parallel import ordered_map, where
-from odyssey.errors import ConfigError
+from odyssey.errors import ConfigError, OdysseyError
 from odyssey.progress import Progress
 from odyssey.tasks import SPLITS, TASKS
 from odyssey.tokenizer import Tokenizer
@@ -301,6 +310,8 @@ def pack_corpus(
         stage = stage.resolve()  # the workers' working directory is not ours
         packer = UnitPacker(tok.to_json(), capacity, seed, str(stage))
         results = _gather(ordered_map(packer, units, workers), len(units))
+        shards = [{"path": r.path, "blocks": r.blocks, "sha256": r.sha256} for r in results if r.path]
+        write_arrays(stage, seq_len, tok.vocab_size, shards)
         seconds = time.perf_counter() - t0
         tokens = sum(r.tokens for r in results)
         manifest = {
@@ -317,7 +328,7 @@ def pack_corpus(
             "tokens_per_s": round(tokens / max(seconds, 1e-9)),
             "units": len(units),
             "ran": where(workers),
-            "shards": [{"path": r.path, "blocks": r.blocks, "sha256": r.sha256} for r in results if r.path],
+            "shards": shards,
         }
         atomic.write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     log.info(
@@ -340,6 +351,105 @@ def read_blocks(blocks: str | Path, task: str, split: str) -> tuple[np.ndarray, 
     if not files:
         return np.zeros((0, capacity), np.int32), np.zeros((0, capacity), np.uint8)
     table = pa.concat_tables(pq.read_table(f) for f in files)
-    ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, capacity)
-    mask = table.column("loss_mask").combine_chunks().flatten().to_numpy().reshape(-1, capacity)
-    return ids, mask
+    return _rows(table, "input_ids", capacity), _rows(table, "loss_mask", capacity)
+
+
+def _rows(table: pa.Table, column: str, capacity: int) -> np.ndarray:
+    return table.column(column).combine_chunks().flatten().to_numpy().reshape(-1, capacity)
+
+
+# --- token arrays: random access to the rows ----------------------------------------------------------
+
+ARRAYS = "arrays.json"
+
+
+def array_paths(blocks: str | Path, task: str, split: str) -> tuple[Path, Path]:
+    """Where one task and split's ids and loss mask arrays are."""
+    return Path(blocks) / task / f"{split}.ids.npy", Path(blocks) / task / f"{split}.mask.npy"
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id: half of int32's bytes up to 65,536 ids."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def write_arrays(blocks: str | Path, seq_len: int, vocab_size: int, shards: list[dict]) -> dict:
+    """The token arrays of every task and split, copied from the Parquet shards (manifest["shards"]:
+    path, blocks, sha256) one shard at a time, each file atomically; arrays.json last, so that its
+    presence says they are complete. Returns what arrays.json holds."""
+    dtype, splits = ids_dtype(vocab_size), {}
+    for task in TASKS:
+        for split in SPLITS:
+            own = sorted(
+                (s for s in shards if s["path"].startswith(f"{task}/{split}-")), key=lambda s: s["path"]
+            )
+            splits.setdefault(task, {})[split] = _write_split(
+                Path(blocks), task, split, own, seq_len + 1, dtype
+            )
+    index = {"format": "odyssey-arrays/1", "seq_len": seq_len, "dtype": dtype.name, "splits": splits}
+    atomic.write_text(Path(blocks) / ARRAYS, json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _write_split(
+    blocks: Path, task: str, split: str, shards: list[dict], capacity: int, dtype: np.dtype
+) -> dict:
+    """One task and split's arrays: rows in shard order, each shard's first row recorded (its offset)."""
+    rows = sum(s["blocks"] for s in shards)
+    ids_path, mask_path = array_paths(blocks, task, split)
+    offsets, at = [], 0
+    with atomic.staged_file(ids_path) as ids_tmp, atomic.staged_file(mask_path) as mask_tmp:
+        ids = np.lib.format.open_memmap(ids_tmp, "w+", dtype, (rows, capacity))
+        mask = np.lib.format.open_memmap(mask_tmp, "w+", np.uint8, (rows, capacity))
+        for shard in shards:
+            table = pq.read_table(blocks / shard["path"])
+            n = table.num_rows
+            if n != shard["blocks"]:
+                raise OdysseyError(
+                    f"{blocks / shard['path']}: {n} blocks, the manifest says {shard['blocks']}"
+                )
+            shard_ids = _rows(table, "input_ids", capacity)
+            if n and shard_ids.max() > np.iinfo(dtype).max:
+                raise OdysseyError(f"{blocks / shard['path']}: a token id exceeds {dtype.name}")
+            ids[at : at + n] = shard_ids
+            mask[at : at + n] = _rows(table, "loss_mask", capacity)
+            offsets.append({"path": shard["path"], "offset": at, "rows": n, "sha256": shard["sha256"]})
+            at += n
+        ids.flush()
+        mask.flush()
+        del ids, mask  # unmapped before the files are renamed into place
+    return {"rows": rows, "shards": offsets}
+
+
+def ensure_arrays(blocks: str | Path) -> dict:
+    """The token arrays of a blocks directory, written when they are missing (blocks packed before the
+    arrays existed) or are not those of its shards; the contents of arrays.json."""
+    blocks = Path(blocks)
+    manifest = json.loads((blocks / MANIFEST).read_text(encoding="utf-8"))
+    path = blocks / ARRAYS
+    if path.is_file():
+        index = json.loads(path.read_text(encoding="utf-8"))
+        have = sorted(
+            (s["path"], s["sha256"])
+            for task in index["splits"].values()
+            for sp in task.values()
+            for s in sp["shards"]
+        )
+        if have == sorted((s["path"], s["sha256"]) for s in manifest["shards"]):
+            return index
+    log.info("writing the token arrays of %s (random access for training; once)", blocks)
+    return write_arrays(blocks, manifest["seq_len"], manifest["vocab_size"], manifest["shards"])
+
+
+def open_arrays(blocks: str | Path, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """ids and loss mask of one task and split, memory-mapped read-only: a row's pages are read when the
+    row is. Without read-around (MADV_RANDOM) a fault would read ~128 KiB about it: a rank would read its
+    neighbours' rows as well as its own."""
+    arrays = []
+    for path in array_paths(blocks, task, split):
+        rows = np.load(path, mmap_mode="r")
+        advice = getattr(mmap, "MADV_RANDOM", None)
+        if advice is not None and rows.size:
+            rows._mmap.madvise(advice)  # numpy keeps the mapping there; no public way to advise it
+        arrays.append(rows)
+    return arrays[0], arrays[1]
