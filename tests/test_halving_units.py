@@ -60,13 +60,18 @@ def test_cohort_waits_at_the_rung_then_keeps_the_best_third():
         assert sched.on_trial_result(ctl, t, {"tokens": 50, "val_loss": 9.0}) == TrialScheduler.CONTINUE
         assert sched.on_trial_result(ctl, t, {"tokens": 100, "val_loss": loss}) == TrialScheduler.NOOP
         assert t.status == Trial.PAUSED  # waits, holding no slot
-    # The last one reports: the cut. Best two of six (1.0 and 2.0): t3 resumes, t5 (the reporter) goes on.
+    # The last one reports: the cut. Best two of six (1.0 and 2.0): t3 and t5 (the reporter) resume
+    # from their rung's checkpoints; the reporter pauses too, as its run holds at the rung (`pause_at`).
     assert (
-        sched.on_trial_result(ctl, trials[5], {"tokens": 100, "val_loss": losses[5]})
-        == TrialScheduler.CONTINUE
+        sched.on_trial_result(ctl, trials[5], {"tokens": 100, "val_loss": losses[5]}) == TrialScheduler.NOOP
     )
+    assert trials[5].status == Trial.PAUSED and trials[5] not in ctl.stopped
     assert sorted(map(str, ctl.stopped)) == ["t0", "t1", "t2", "t4"]
     assert sched.choose_trial_to_run(ctl) is trials[3]
+    trials[3].status = Trial.RUNNING
+    assert sched.choose_trial_to_run(ctl) is trials[5]
+    trials[5].status = Trial.RUNNING
+    assert sched.choose_trial_to_run(ctl) is None  # both slots taken
     # A survivor reporting the same rung again after it resumed is not cut twice.
     assert sched.on_trial_result(ctl, trials[3], {"tokens": 100, "val_loss": 1.0}) == TrialScheduler.CONTINUE
 
@@ -84,6 +89,7 @@ def test_a_failed_trial_does_not_hold_up_the_cut_and_max_mode_keeps_the_highest(
     trials[2].status = Trial.ERROR
     sched.on_trial_error(ctl, trials[2])
     assert ctl.stopped == [trials[1]] and sched.choose_trial_to_run(ctl) is trials[0]
+    assert trials[0].status == Trial.PAUSED  # paused at the first report, resumed from its checkpoint
 
 
 def test_the_cut_waits_for_trials_not_yet_proposed_and_slots_count_only_training_trials():

@@ -61,6 +61,7 @@ def test_an_elastic_run_keeps_its_global_batch_at_every_size_or_is_refused():
             r"scaling.workers: expected an integer, got .* or expected 2 items, got 3",
         ),
         (["max_failures=-2"], r"max_failures must be >= 0, or -1 for no limit"),
+        (["steps=16", "pause_at=[4, 16]"], r"pause_at: step 16 is not in 1..steps-1=15"),
         (
             ["storage=s3://bucket/runs"],
             r"storage='s3://bucket/runs': use a file-system path that every node sees",
@@ -186,3 +187,5 @@ def test_the_cadence_of_logs_evaluations_and_checkpoints():
     assert [s for s in steps if c.logs(s)] == [3, 6, 9, 10]  # the last step always
     assert [s for s in steps if c.saves(s)] == [5, 10]
     assert [s for s in steps if c.evaluates(s)] == [4, 5, 8, 10]  # every checkpoint is evaluated
+    rungs = Cadence(steps=10, log_every=3, eval_every=4, checkpoint_every=5, checkpoint_at=frozenset({7}))
+    assert [s for s in steps if rungs.saves(s)] == [5, 7, 10]

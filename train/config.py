@@ -204,7 +204,10 @@ class TrainConfig:
     eval_every: int = 30
     eval_blocks: int = 16  # validation blocks per task
     checkpoint_every: int = 30
-    checkpoint_at: list[int] = field(default_factory=list)  # more steps that checkpoint: a sweep's rungs
+    checkpoint_at: list[int] = field(default_factory=list)  # more steps that checkpoint
+    # Steps that checkpoint and then wait for the run to be stopped: a sweep's rungs under successive
+    # halving (tune/halving.py pauses the trial there; it resumes from that checkpoint, or is stopped).
+    pause_at: list[int] = field(default_factory=list)
     keep_checkpoints: int = 2  # best by validation loss; the latest is always kept too
     max_failures: int = (
         0  # worker-group restarts from the latest checkpoint after a worker dies; -1: no limit
@@ -226,6 +229,9 @@ class TrainConfig:
         outside = [s for s in self.checkpoint_at if not 0 < s <= self.steps]
         if outside:
             raise ConfigError(f"checkpoint_at: step {outside[0]} is not in 1..steps={self.steps}")
+        outside = [s for s in self.pause_at if not 0 < s < self.steps]
+        if outside:
+            raise ConfigError(f"pause_at: step {outside[0]} is not in 1..steps-1={self.steps - 1}")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be >= 0, or -1 for no limit; got {self.max_failures}")
         sizes = range(self.scaling.min_workers, self.scaling.max_workers + 1)

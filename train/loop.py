@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from train.config import TrainConfig
 from train.engine import build_engine, loop_clips_gradients
 from train.metrics import RunLog, console, memory_gb, peak_flops_per_device
 
+PAUSE_TIMEOUT_S = 600  # how long a run held at a `pause_at` step waits to be stopped before it fails
+
 
 def train_loop_per_worker(config: dict) -> None:
     worker = Worker(config)  # resumed from the newest intact checkpoint, if any
@@ -41,13 +44,15 @@ def train_loop_per_worker(config: dict) -> None:
         worker.cfg.log_every,
         worker.cfg.eval_every,
         worker.cfg.checkpoint_every,
-        frozenset(worker.cfg.checkpoint_at),
+        frozenset(worker.cfg.checkpoint_at) | frozenset(worker.cfg.pause_at),
     )
     while worker.step < worker.cfg.steps:
         worker.train_step()
         if cadence.logs(worker.step) or cadence.evaluates(worker.step):
             worker.report(evaluate=cadence.evaluates(worker.step), save=cadence.saves(worker.step))
         failpoints.hit("train.step", step=worker.step, rank=worker.rank, world=worker.world)  # drills
+        if worker.step in worker.cfg.pause_at:
+            worker.hold()
     worker.log.close()
 
 
@@ -192,6 +197,20 @@ class Worker:
         loss = loss.detach().float()
         self.nonfinite += ~torch.isfinite(loss)
         self.loss_sum += loss
+
+    def hold(self) -> None:
+        """At a `pause_at` step, its checkpoint written and reported: train no further until the sweep's
+        scheduler stops the worker group (it pauses the trial at a rung, and resumes it from this
+        checkpoint), so a trial never trains tokens past a rung that the cut then throws away."""
+        if self.rank == 0:
+            console(f"step {self.step}: checkpoint written at a rung; waiting for the sweep's cut")
+        deadline = time.monotonic() + PAUSE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+        raise RuntimeError(
+            f"step {self.step} is in pause_at, but nothing stopped the run within {PAUSE_TIMEOUT_S} s: "
+            "pause_at is for a sweep under successive halving (tune/halving.py); remove it from a plain run"
+        )
 
     def report(self, evaluate: bool, save: bool) -> None:
         """The interval's metrics (+ validation losses, + the run's averages at its end) into the run's

@@ -2,9 +2,10 @@
 TrialScheduler; imported after Ray is reached).
 
 Every trial of the sweep trains to the first rung and waits there (paused: its worker group is released,
-its training run keeps the checkpoint written at the rung). When the whole cohort has reported at that
-rung, the best 1/factor go on to the next rung and the others stop; at the last rung below the trial's
-full length the survivors train to the end. This is one bracket of HyperBand (Li et al. 2018), the
+its training run keeps the checkpoint written at the rung and trains no step past it: `pause_at`). When
+the whole cohort has reported at that rung, the best 1/factor resume from their rung's checkpoints to the
+next rung and the others stop; at the last rung below the trial's full length the survivors train to
+the end. This is one bracket of HyperBand (Li et al. 2018), the
 successive halving of Jamieson & Talwalkar (2016).
 
 Why not asynchronous ASHA for small sweeps: ASHA promotes a trial as soon as it is in the top 1/factor
@@ -97,9 +98,11 @@ class SuccessiveHalving(FIFOScheduler):
         self.cut_at = rung
         action = TrialScheduler.CONTINUE
         for t in ranked:
-            if t in survivors and t is not current:
+            if t in survivors:  # the reporting one too: its run holds at the rung (tune/trial.py)
                 self.to_resume.add(t)
-            elif t not in survivors:
+                if t is current:
+                    action = self._wait(tune_controller, t)
+            else:
                 self.alive.discard(t)
                 if t is current:
                     action = TrialScheduler.STOP

@@ -9,8 +9,8 @@ and can stop the trial; stopping the trial ends its worker group with it.
 The training run is named after the trial and kept under the sweep directory: a sweep resumed after an
 interruption restarts an unfinished trial, and its training run resumes from its own latest checkpoint;
 a trial whose run had already written its last checkpoint reports that checkpoint's metrics and ends.
-Under successive halving (tune/halving.py) the run also checkpoints at each rung, where the trial waits
-paused for the cut and, if it survives, resumes.
+Under successive halving (tune/halving.py) the run also checkpoints at each rung and holds there (the
+config's `pause_at`): the trial is paused for the cut and, if it survives, resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def run_trial(params: dict, *, base: dict, trials_dir: str, rungs: list[int]) ->
 
     run = {"name": tune.get_context().get_trial_id(), "storage": trials_dir}
     cfg = space.train_config(base, {**params, **run})
-    # Successive halving pauses the trial at each rung: its run checkpoints there, to resume from it.
-    at = sorted({min(cfg.steps, -(-tokens // cfg.global_batch_tokens)) for tokens in rungs})
-    cfg = replace(cfg, checkpoint_at=[*cfg.checkpoint_at, *at])
+    # Successive halving pauses the trial at each rung: its run checkpoints there and trains no further
+    # until the trial is paused (to resume from that checkpoint) or stopped.
+    at = {-(-tokens // cfg.global_batch_tokens) for tokens in rungs}
+    cfg = replace(cfg, pause_at=sorted(s for s in at if s < cfg.steps))
     final = checkpoint.final_metrics(Path(trials_dir) / cfg.name, cfg.steps)
     if final is not None:  # restarted after its run's last checkpoint: Tune still needs the run's result
         tune.report(final)
