@@ -204,9 +204,7 @@ class Worker:
         checkpoint), so a trial never trains tokens past a rung that the cut then throws away."""
         if self.rank == 0:
             console(f"step {self.step}: checkpoint written at a rung; waiting for the sweep's cut")
-        deadline = time.monotonic() + PAUSE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
+        time.sleep(PAUSE_TIMEOUT_S)  # the worker group is stopped in here, as Tune pauses the trial
         raise RuntimeError(
             f"step {self.step} is in pause_at, but nothing stopped the run within {PAUSE_TIMEOUT_S} s: "
             "pause_at is for a sweep under successive halving (tune/halving.py); remove it from a plain run"

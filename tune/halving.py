@@ -5,8 +5,8 @@ Every trial of the sweep trains to the first rung and waits there (paused: its w
 its training run keeps the checkpoint written at the rung and trains no step past it: `pause_at`). When
 the whole cohort has reported at that rung, the best 1/factor resume from their rung's checkpoints to the
 next rung and the others stop; at the last rung below the trial's full length the survivors train to
-the end. This is one bracket of HyperBand (Li et al. 2018), the
-successive halving of Jamieson & Talwalkar (2016).
+the end. This is one bracket of HyperBand (Li et al. 2018), the successive halving of Jamieson &
+Talwalkar (2016).
 
 Why not asynchronous ASHA for small sweeps: ASHA promotes a trial as soon as it is in the top 1/factor
 of what has reported at a rung so far; the first trials of a sweep have nothing to compare against and
